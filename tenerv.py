@@ -1,0 +1,834 @@
+"""
+TeNeRV: a video stored as the weights of a network, with hierarchical temporal modelling.
+
+Paper: J. Zhu et al., "Video Compression with Hierarchical Temporal Neural Representation"
+(TeNeRV). This file is the method of Sec. III in the paper's order: base temporal grids
+(Eq. 1, 3), Inter-Frame Feature Fusion (Eq. 2), divergence (Eq. 4) and content-aware GoP
+partition (Algorithm 1), GoP-level grids (Eq. 5), TeNeRV blocks with GoP-specific depthwise
+and shared pointwise convolutions, and the two-stage training of Sec. III-C.
+
+    python tenerv.py --frames data/bbb320 --params 0.3M --epochs 50
+    python tenerv.py --frames clip_1920x1080.yuv --params 3M --dry-run
+    python tenerv.py --frames data/bbb320 --params 0.3M --ablation V3 --out runs/v3
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+ABLATIONS = ("V1", "V2", "V3", "V4", "V5")  # Table III
+
+
+@dataclass
+class TeNeRVConfig:
+    # the video (filled in from the frames)
+    n_frames: int = 0            # T
+    height: int = 0              # H, pixels
+    width: int = 0               # W, pixels
+    # size: the one dial; everything below marked "derived" follows from it (size_model)
+    params: int = 300_000        # target parameter count of the final (stage-2) model
+    strides: tuple = ()          # upsampling factor of each TeNeRV block; () = derived from H, W
+    base_h: int = 0              # grid height (derived: ceil(H / prod(strides)))
+    base_w: int = 0              # grid width (derived)
+    grid_levels: int = 3         # temporal resolutions T+l-1, /2, /4 (FFNeRV-style, Eq. 1)
+    grid_share: float = 0.4      # not in the paper: fraction of the budget given to the base grids
+    grid_channels: int = 0       # channels per grid level (derived from grid_share)
+    dim: int = 0                 # C_0, channels at grid resolution (derived from the budget)
+    dim_hidden0: int = 0         # hidden width of the first block's pointwise MLP (derived, fine knob)
+    width_ratio: float = 2.0     # not in the paper: channels divide by this at each upsampling block
+    min_dim: int = 8             # narrowest block, channels
+    expansion: int = 4           # hidden width / channels in each pointwise MLP (ConvNeXt-style)
+    kernel: int = 5              # depthwise kernel size
+    window: int = 3              # l, IFF window size (Eq. 2)
+    gops: int = 0                # K, number of GoPs; 0 = derived from T (see default_gops)
+    min_gop: int = 0             # L_min of Algorithm 1, frames; 0 = derived
+    ablation: str = ""           # "" (full TeNeRV) or V1..V5 of Table III
+    # training (Sec. III-C, IV-A)
+    epochs: int = 300            # total epochs of both stages (Sec. IV-A)
+    l1_epochs: int = 30          # L1-only epochs out of 300 = stage 1; scales with --epochs
+    batch_size: int = 1          # frames per step
+    lr: float = 2e-3             # Adam peak learning rate (not in the paper)
+    warmup: float = 0.03         # fraction of steps of linear warm-up, then cosine to 0 (not in the paper)
+    l1_weight: float = 0.7       # stage-2 loss = l1_weight * L1 + msssim_weight * (1 - MS-SSIM)
+    msssim_weight: float = 0.3
+    seed: int = 0
+    checkpoint_seconds: float = 120.0  # write the resumable checkpoint at least this often
+
+
+def parse_params(text):
+    """'3M', '0.3M', '300K', '3000000' -> int."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmM]?)\s*", str(text))
+    if not m:
+        raise ValueError(f"--params {text!r}: expected a number like 3M, 0.3M, 300K or 3000000")
+    n = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6}[m.group(2).lower()]
+    if n < 1:
+        raise ValueError(f"--params {text!r}: must be at least 1")
+    return int(round(n))
+
+
+# -----------------------------------------------------------------------------
+# Frames in: PNG/JPEG folders and raw 8-bit YUV 4:2:0 files
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+MIN_SIDE = 16  # MS-SSIM needs at least one scale: a side > 10 px with an 11-tap window
+
+
+def natural_key(name):
+    return [int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", name)]
+
+
+def load_frames(path, size=None):
+    """Frames as a uint8 tensor (T, 3, H, W) in RGB, from a folder of images or a .yuv file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder; pass a folder of PNG/JPEG frames or a .yuv file")
+    if os.path.isfile(path):
+        if not path.lower().endswith(".yuv"):
+            raise ValueError(f"{path}: not a folder and not a .yuv file; pass a folder of PNG/JPEG frames or a raw 8-bit YUV 4:2:0 .yuv file")
+        frames = load_yuv420(path, size)
+    else:
+        names = sorted((n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)), key=natural_key)
+        if not names:
+            raise ValueError(f"{path}: no .png/.jpg/.jpeg frames found in this folder")
+        arrays = []
+        for i, name in enumerate(names):
+            try:
+                with Image.open(os.path.join(path, name)) as im:
+                    a = np.asarray(im.convert("RGB"))
+            except Exception as e:  # PIL raises many types for broken files
+                raise ValueError(f"{path}/{name}: cannot be read as an image ({e.__class__.__name__}); remove or replace it") from None
+            if arrays and a.shape != arrays[0].shape:
+                h0, w0 = arrays[0].shape[:2]
+                raise ValueError(f"{path}/{name}: frame {i} is {a.shape[1]}x{a.shape[0]}, expected {w0}x{h0} like frame 0 ({names[0]})")
+            arrays.append(a)
+        frames = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    T, _, H, W = frames.shape
+    if min(H, W) < MIN_SIDE:
+        raise ValueError(f"{path}: frames are {W}x{H}; both sides must be at least {MIN_SIDE} px")
+    return frames
+
+
+def load_yuv420(path, size=None):
+    """Raw planar 8-bit YUV 4:2:0 (I420, limited range) -> RGB with BT.709, as UVG and HEVC ship."""
+    if size is None:
+        m = re.search(r"_(\d+)x(\d+)", os.path.basename(path))
+        if not m:
+            raise ValueError(f"{path}: frame size unknown; pass --size WxH or name the file like clip_1920x1080.yuv")
+        size = f"{m.group(1)}x{m.group(2)}"
+    m = re.fullmatch(r"(\d+)x(\d+)", size)
+    if not m:
+        raise ValueError(f"--size {size!r}: expected WxH, e.g. 1920x1080")
+    W, H = int(m.group(1)), int(m.group(2))
+    if W % 2 or H % 2 or W == 0 or H == 0:
+        raise ValueError(f"--size {size}: 4:2:0 needs an even, non-zero width and height")
+    frame_bytes = W * H * 3 // 2
+    n_bytes = os.path.getsize(path)
+    if n_bytes == 0 or n_bytes % frame_bytes:
+        raise ValueError(f"{path}: {n_bytes} bytes is not a whole number of {W}x{H} YUV 4:2:0 frames "
+                         f"({frame_bytes} bytes each); check --size")
+    raw = np.fromfile(path, dtype=np.uint8).reshape(-1, frame_bytes)
+    y = raw[:, : W * H].reshape(-1, H, W).astype(np.float32)
+    u = raw[:, W * H: W * H * 5 // 4].reshape(-1, H // 2, W // 2).astype(np.float32)
+    v = raw[:, W * H * 5 // 4:].reshape(-1, H // 2, W // 2).astype(np.float32)
+    u = u.repeat(2, axis=1).repeat(2, axis=2)  # not in the paper: nearest chroma upsampling
+    v = v.repeat(2, axis=1).repeat(2, axis=2)
+    # BT.709 limited range: Y in [16, 235], Cb/Cr in [16, 240]
+    y, u, v = (y - 16) / 219, (u - 128) / 224, (v - 128) / 224
+    r = y + 1.5748 * v
+    g = y - 0.1873 * u - 0.4681 * v
+    b = y + 1.8556 * u
+    rgb = np.stack([r, g, b], axis=1)
+    return torch.from_numpy(np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8))
+
+
+# -----------------------------------------------------------------------------
+# Quality metrics
+
+MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, pytorch-msssim's defaults
+SSIM_WINDOW = 11
+
+
+def msssim_scales(h, w):
+    """pytorch-msssim's 5 scales need min side > 160 px; smaller frames use fewer scales."""
+    n = 0
+    while n < len(MSSSIM_WEIGHTS) and min(h, w) > (SSIM_WINDOW - 1) * 2 ** n:
+        n += 1
+    return n
+
+
+def msssim(x, y):
+    """MS-SSIM per image (B,) of images in [0, 1], with the scales renormalised for small frames."""
+    n = msssim_scales(*x.shape[-2:])
+    weights = x.new_tensor(MSSSIM_WEIGHTS[:n]) / sum(MSSSIM_WEIGHTS[:n])
+    win = _fspecial_gauss_1d(SSIM_WINDOW, 1.5).to(x).repeat(x.shape[1], 1, 1, 1)
+    mcs = []
+    for i in range(n):  # the loop of pytorch_msssim.ms_ssim, with n levels instead of 5
+        ssim, cs = _ssim(x, y, win=win, data_range=1.0, size_average=False, K=(0.01, 0.03))
+        if i < n - 1:
+            mcs.append(torch.relu(cs))
+            padding = [s % 2 for s in x.shape[2:]]
+            x, y = F.avg_pool2d(x, 2, padding=padding), F.avg_pool2d(y, 2, padding=padding)
+    stack = torch.stack(mcs + [torch.relu(ssim)], dim=0)  # (levels, B, C)
+    return torch.prod(stack ** weights.view(-1, 1, 1), dim=0).mean(1)
+
+
+def psnr(x, y):
+    """PSNR in dB per image (B,), RGB in [0, 1]."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
+    return -10 * torch.log10(mse.clamp_min(1e-10))
+
+
+# -----------------------------------------------------------------------------
+# III-A. Base temporal grids (Eq. 1, 3)
+
+class TemporalGrids(nn.Module):
+    """gamma_base: FFNeRV-style multi-resolution learnable grids over time, linearly interpolated.
+
+    Level j holds ceil(n_positions / 2^j) feature maps of shape (c, h, w); a query at base
+    position i (0-based, 0 <= i < T + l - 1, Eq. 3) interpolates each level at the same
+    relative time and concatenates the levels along channels.
+    """
+
+    def __init__(self, n_positions, n_levels, channels, h, w):
+        super().__init__()
+        self.n_positions = n_positions
+        sizes = [max(2, math.ceil(n_positions / 2 ** j)) for j in range(n_levels)]
+        # not in the paper: grids start as N(0, 0.1^2)
+        self.levels = nn.ParameterList([nn.Parameter(0.1 * torch.randn(n, channels, h, w)) for n in sizes])
+
+    def forward(self, i):  # i: (N,) base positions -> (N, levels * c, h, w)
+        u = i.float() / max(self.n_positions - 1, 1)  # relative time in [0, 1]
+        out = []
+        for grid in self.levels:
+            f = u * (grid.shape[0] - 1)
+            lo = f.floor().long().clamp(0, grid.shape[0] - 2)
+            a = (f - lo).view(-1, 1, 1, 1)
+            out.append((1 - a) * grid[lo] + a * grid[lo + 1])  # Eq. 1: linear interpolation in time
+        return torch.cat(out, dim=1)
+
+
+# -----------------------------------------------------------------------------
+# III-A. Inter-frame Feature Fusion (Eq. 2)
+
+class InterFrameFusion(nn.Module):
+    """X_tem^t = sum_{i=1..l} w_t^i X_base^{t+i-1}: a learnable window of l weights per frame."""
+
+    def __init__(self, n_frames, window):
+        super().__init__()
+        w = torch.zeros(n_frames, window)
+        w[:, window // 2] = 1.0  # not in the paper: each window starts as a centred one-hot
+        self.weight = nn.Parameter(w)  # W_T = {w_1, ..., w_T}
+
+    def forward(self, t, X_base):  # t: (B,), X_base: (B, l, C, h, w) at positions t .. t+l-1
+        return torch.einsum("bl,blchw->bchw", self.weight[t], X_base)
+
+
+# -----------------------------------------------------------------------------
+# III-B. Divergence (Eq. 4) and content-aware GoP partition (Algorithm 1)
+
+def divergence(X_tem):
+    """D_t = 1 - cos(X_tem^t, X_tem^{t-1}) for t = 1..T-1 (0-based); D_0 = 0 (no predecessor)."""
+    x = X_tem.flatten(1).float()
+    D = 1 - F.cosine_similarity(x[1:], x[:-1], dim=1)
+    return torch.cat([D.new_zeros(1), D])
+
+
+def default_gops(n_frames):
+    """not in the paper: K = T/16 rounded, between 1 and 8; L_min = half the mean GoP length."""
+    K = min(8, max(1, round(n_frames / 16)))
+    return K, max(1, n_frames // (2 * K))
+
+
+def check_gops(n_frames, K, L_min):
+    if K < 1 or L_min < 1:
+        raise ValueError(f"--gops {K} --min-gop {L_min}: both must be at least 1")
+    if K * L_min > n_frames:
+        raise ValueError(f"--gops {K} --min-gop {L_min}: {K} GoPs of at least {L_min} frames need "
+                         f"{K * L_min} frames but the video has {n_frames}; lower --gops or --min-gop")
+
+
+def partition_gops(D, K, L_min):
+    """Algorithm 1. Returns the sorted 0-based first frames of GoPs 2..K.
+
+    D: divergence per frame (D[0] is never a boundary, the video starts there). Edge cases the
+    paper leaves open: K = 1 returns []; K * L_min > T raises ValueError (no valid partition
+    exists); if the candidates run out before every GoP is long enough, we fall back to the
+    valid partition of K GoPs whose boundaries have the largest total divergence (dynamic
+    programming), which always exists when K * L_min <= T.
+    """
+    D = [float(d) for d in D]
+    T = len(D)
+    check_gops(T, K, L_min)
+    if K == 1:
+        return []
+    C = sorted(range(1, T), key=lambda t: -D[t])  # line 1: candidates, descending divergence (stable)
+    B = set(C[: K - 1])                           # line 2
+    p = K - 1                                     # line 3 (0-based pointer to the next candidate)
+    while True:                                   # line 4
+        S = sorted(B | {0, T})                    # line 5
+        short = [(u, v) for u, v in zip(S, S[1:]) if v - u < L_min]  # line 6
+        if not short:                             # lines 7-8
+            return sorted(B)
+        if p >= len(C):                           # not in the paper: candidates exhausted
+            return _best_partition(D, K, L_min)
+        u, v = short[0]
+        b = min((x for x in (u, v) if x in B), key=lambda x: D[x])  # line 10: the weaker boundary
+        B = (B - {b}) | {C[p]}                    # line 11
+        p += 1                                    # line 12
+
+
+def _best_partition(D, K, L_min):
+    """Boundaries b_1 < ... < b_{K-1} with every GoP >= L_min frames maximising sum D[b]."""
+    T = len(D)
+    NEG = float("-inf")
+    # best[k][t]: best score with k boundaries placed, the last one at t (t = 0 for k = 0)
+    best = [[NEG] * (T + 1) for _ in range(K)]
+    back = [[0] * (T + 1) for _ in range(K)]
+    best[0][0] = 0.0
+    for k in range(1, K):
+        for t in range(k * L_min, T - (K - k) * L_min + 1):
+            for s in range(0, t - L_min + 1):
+                if best[k - 1][s] > NEG and best[k - 1][s] + D[t] > best[k][t]:
+                    best[k][t], back[k][t] = best[k - 1][s] + D[t], s
+    t = max(range(T + 1), key=lambda x: best[K - 1][x] if T - x >= L_min else NEG)
+    out = []
+    for k in range(K - 1, 0, -1):
+        out.append(t)
+        t = back[k][t]
+    return sorted(out)
+
+
+def equal_gops(n_frames, K):
+    """Content-agnostic boundaries of K GoPs of (nearly) equal length (ablations V4, V5)."""
+    return [round(k * n_frames / K) for k in range(1, K)]
+
+
+def gop_index(boundaries, n_frames):
+    """(T,) long tensor: the GoP k of each frame (0-based) given the first frames of GoPs 2..K."""
+    g = torch.zeros(n_frames, dtype=torch.long)
+    for b in boundaries:
+        g[b:] += 1
+    return g
+
+
+# -----------------------------------------------------------------------------
+# III-B. TeNeRV block: upsampling, GoP-specific depthwise conv, shared pointwise convs
+
+class GoPDepthwiseConv(nn.Module):
+    """A depthwise k x k conv with one kernel set per GoP (K sets).
+
+    A batch mixing frames of several GoPs runs as one grouped convolution: the batch is
+    folded into the channels, and frame b's channels are convolved with its GoP's kernels.
+    """
+
+    def __init__(self, dim, kernel, n_gops=1):
+        super().__init__()
+        bound = 1 / kernel  # PyTorch's default conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = k*k
+        self.weight = nn.Parameter(torch.empty(n_gops, dim, 1, kernel, kernel).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n_gops, dim).uniform_(-bound, bound))
+
+    def forward(self, x, gop):  # x: (B, C, H, W), gop: (B,) GoP index of each frame
+        B, C, H, W = x.shape
+        k = self.weight.shape[-1]
+        if self.weight.shape[0] == 1:  # one shared kernel set (stage 1, ablation V3)
+            return F.conv2d(x, self.weight[0], self.bias[0], padding=k // 2, groups=C)
+        w = self.weight[gop].reshape(B * C, 1, k, k)
+        y = F.conv2d(x.reshape(1, B * C, H, W), w, self.bias[gop].reshape(B * C),
+                     padding=k // 2, groups=B * C)  # groups = B*C: each frame uses its own GoP's kernels
+        return y.view(B, C, H, W)
+
+    def duplicate(self, K):
+        """Stage 2 (Sec. III-C): K copies of the pre-trained kernels."""
+        self.weight = nn.Parameter(self.weight.detach()[:1].repeat(K, 1, 1, 1, 1))
+        self.bias = nn.Parameter(self.bias.detach()[:1].repeat(K, 1))
+
+
+class TeNeRVBlock(nn.Module):
+    """Upsample by `stride`, then refine with a depthwise-separable residual unit.
+
+    x -> 1x1 conv (channels dim_in -> dim_out) -> bilinear upsampling -> + sub-pixel code
+      -> x + pw2(GELU(pw1(dw_k(x))))   with dw_k GoP-specific and pw1, pw2 shared.
+    The 1x1 conv runs before the upsampling: both are linear per channel, so they commute
+    and the conv costs stride^2 times less.
+    """
+
+    def __init__(self, dim_in, dim_out, stride, kernel, dim_hidden, n_gops=1):
+        super().__init__()
+        self.stride = stride
+        self.proj = nn.Conv2d(dim_in, dim_out, 1)
+        # not in the paper: a learned (C, s, s) code tiled over the image, so the otherwise
+        # position-blind bilinear upsampling can place different detail at each sub-pixel
+        self.subpixel = nn.Parameter(torch.zeros(1, dim_out, 1, stride, 1, stride)) if stride > 1 else None
+        self.dw = GoPDepthwiseConv(dim_out, kernel, n_gops)
+        self.pw1 = nn.Conv2d(dim_out, dim_hidden, 1)
+        self.pw2 = nn.Conv2d(dim_hidden, dim_out, 1)
+
+    def forward(self, x, gop):
+        x = self.proj(x)
+        if self.stride > 1:
+            B, C, h, w = x.shape
+            s = self.stride
+            x = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+            x = (x.view(B, C, h, s, w, s) + self.subpixel).view(B, C, h * s, w * s)
+        return x + self.pw2(F.gelu(self.pw1(self.dw(x, gop))))
+
+
+# -----------------------------------------------------------------------------
+# The model (Fig. 2)
+
+def block_dims(cfg):
+    """Channels of block 0 (at grid resolution) and of each upsampling block."""
+    return [cfg.dim] + [max(cfg.min_dim, round(cfg.dim / cfg.width_ratio ** (i + 1))) for i in range(len(cfg.strides))]
+
+
+class TeNeRV(nn.Module):
+    """Frame index t -> RGB frame. Stage 1 (holistic) has one GoP grid and one kernel set;
+    `split_gops` turns it into the stage-2 model with K of each (Sec. III-C)."""
+
+    def __init__(self, cfg, stage=1):
+        super().__init__()
+        self.cfg = cfg
+        T, l = cfg.n_frames, self.window
+        K = cfg.gops if stage == 2 else 1
+        self.grids = TemporalGrids(T + l - 1, cfg.grid_levels, cfg.grid_channels, cfg.base_h, cfg.base_w)
+        self.iff = InterFrameFusion(T, l) if cfg.ablation != "V1" else None  # V1: base grids only
+        dim_grid = cfg.grid_levels * cfg.grid_channels
+        # Eq. (5): one GoP-level grid per GoP (V2: none)
+        self.gop_grid = nn.Parameter(torch.zeros(K, dim_grid, cfg.base_h, cfg.base_w)) if cfg.ablation != "V2" else None
+        self.register_buffer("gop_of_frame", torch.zeros(T, dtype=torch.long))
+        dims = block_dims(cfg)
+        n_dw = 1 if cfg.ablation == "V3" else K  # V3: one shared depthwise kernel set
+        self.blocks = nn.ModuleList([TeNeRVBlock(dim_grid, dims[0], 1, cfg.kernel, cfg.dim_hidden0, n_dw)])
+        for i, s in enumerate(cfg.strides):
+            self.blocks.append(TeNeRVBlock(dims[i], dims[i + 1], s, cfg.kernel, cfg.expansion * dims[i + 1], n_dw))
+        self.head = nn.Conv2d(dims[-1], 3, 3, padding=1)
+        self.stage = stage
+
+    @property
+    def window(self):
+        return 1 if self.cfg.ablation == "V1" else self.cfg.window
+
+    def temporal_features(self, t):
+        """X_tem^t for frames t (B,): Eq. 3 positions t..t+l-1, fused by Eq. 2."""
+        l = self.window
+        i = t[:, None] + torch.arange(l, device=t.device)  # (B, l) base positions
+        X_base = self.grids(i.flatten())
+        if self.iff is None:
+            return X_base
+        return self.iff(t, X_base.view(len(t), l, *X_base.shape[1:]))
+
+    def forward(self, t):  # t: (B,) frame indices -> (B, 3, H, W)
+        gop = self.gop_of_frame[t]
+        x = self.temporal_features(t)
+        if self.gop_grid is not None:
+            x = x + self.gop_grid[gop if self.gop_grid.shape[0] > 1 else torch.zeros_like(gop)]  # Eq. 5
+        for block in self.blocks:
+            x = block(x, gop)
+        return self.head(x)[..., : self.cfg.height, : self.cfg.width]  # crop the padding
+
+    @torch.no_grad()
+    def all_temporal_features(self):
+        return torch.cat([self.temporal_features(t) for t in torch.arange(self.cfg.n_frames, device=self.gop_of_frame.device).split(64)])
+
+    def split_gops(self, boundaries):
+        """Stage 1 -> 2: K copies of the GoP grid and of every depthwise kernel set (Sec. III-C)."""
+        K = len(boundaries) + 1
+        assert self.stage == 1 and K == self.cfg.gops, (K, self.cfg.gops)
+        self.gop_of_frame.copy_(gop_index(boundaries, self.cfg.n_frames))
+        if self.gop_grid is not None:
+            self.gop_grid = nn.Parameter(self.gop_grid.detach().repeat(K, 1, 1, 1))
+        if self.cfg.ablation != "V3":
+            for block in self.blocks:
+                block.dw.duplicate(K)
+        self.stage = 2
+
+
+# -----------------------------------------------------------------------------
+# Parameter budget: --params sets every width
+
+STRIDE_FACTORS = (5, 3, 2)  # upsampling factors a block may use, largest first (NeRV, HiNeRV)
+BASE_AREA = 144             # not in the paper: grids of about 16 x 9 cells, as HiNeRV/T-NeRV use at 1080p
+MAX_PADDING = 0.10          # at most 10% more pixels than the frame
+
+
+def choose_strides(H, W):
+    """Total stride S = 5^a 3^b 2^c with a grid near BASE_AREA cells and little padding."""
+    best = None
+    for a in range(3):
+        for b in range(3):
+            for c in range(9):
+                S = 5 ** a * 3 ** b * 2 ** c
+                if S < 2 or S > min(H, W):
+                    continue
+                h, w = math.ceil(H / S), math.ceil(W / S)
+                waste = h * w * S * S / (H * W) - 1
+                if waste > MAX_PADDING:
+                    continue
+                score = abs(math.log(h * w / BASE_AREA)) + 10 * waste
+                if best is None or score < best[0]:
+                    best = (score, (5,) * a + (3,) * b + (2,) * c)
+    if best is None:
+        raise ValueError(f"no upsampling strides fit {W}x{H}; pass --strides, e.g. --strides 2,2")
+    return best[1]
+
+
+def count_params(cfg):
+    with torch.device("meta"):
+        return sum(p.numel() for p in TeNeRV(cfg, stage=2).parameters())
+
+
+def size_model(cfg):
+    """Fill in the derived fields so that the stage-2 model has cfg.params parameters (±1%)."""
+    T, H, W = cfg.n_frames, cfg.height, cfg.width
+    if cfg.ablation not in ("",) + ABLATIONS:
+        raise ValueError(f"--ablation {cfg.ablation!r}: expected one of {', '.join(ABLATIONS)}")
+    if cfg.window < 1:
+        raise ValueError(f"--window {cfg.window}: must be at least 1")
+    strides = tuple(cfg.strides) or choose_strides(H, W)
+    if any(s < 1 for s in strides):
+        raise ValueError(f"--strides {strides}: every stride must be at least 1")
+    S = math.prod(strides)
+    if S > min(H, W):
+        raise ValueError(f"--strides {','.join(map(str, strides))}: total stride {S} exceeds the {W}x{H} frame")
+    K, L_min = default_gops(T)
+    K, L_min = cfg.gops or K, cfg.min_gop or L_min
+    if cfg.ablation == "V5":  # not in the paper: V5's count is one GoP per 32 frames, as a codec's intra period
+        K, L_min = math.ceil(T / 32), 1
+    check_gops(T, K, L_min)
+    cfg = replace(cfg, strides=strides, base_h=math.ceil(H / S), base_w=math.ceil(W / S), gops=K, min_gop=L_min)
+
+    n_positions = T + (1 if cfg.ablation == "V1" else cfg.window) - 1
+    cells = sum(max(2, math.ceil(n_positions / 2 ** j)) for j in range(cfg.grid_levels)) * cfg.base_h * cfg.base_w
+    grid_channels = max(1, round(cfg.grid_share * cfg.params / cells))
+
+    def sized(dim, grid_channels):
+        c = replace(cfg, dim=dim, grid_channels=grid_channels, dim_hidden0=cfg.expansion * dim)
+        return c, count_params(c)
+
+    while True:
+        lo_cfg, lo_n = sized(cfg.min_dim, grid_channels)
+        if lo_n <= cfg.params or grid_channels == 1:
+            break
+        grid_channels -= 1  # a tight budget: fewer grid channels before giving up
+    if lo_n > cfg.params:
+        raise ValueError(f"--params {cfg.params}: too small for {T} frames of {W}x{H}; the smallest model "
+                         f"has {lo_n} parameters. Raise --params or use fewer frames")
+    lo, hi = cfg.min_dim, cfg.min_dim
+    while sized(hi, grid_channels)[1] <= cfg.params:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # largest dim that fits
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if sized(mid, grid_channels)[1] <= cfg.params else (lo, mid)
+    cfg, n = sized(lo, grid_channels)
+    # fine knob: the first block's MLP hidden width costs 2 * dim + 1 parameters per channel
+    cfg = replace(cfg, dim_hidden0=cfg.dim_hidden0 + round((cfg.params - n) / (2 * cfg.dim + 1)))
+    n = count_params(cfg)
+    if abs(n - cfg.params) > 0.01 * cfg.params:
+        raise ValueError(f"--params {cfg.params}: the closest model has {n} parameters (more than 1% off); "
+                         f"raise --params or pass other --strides")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# III-C. Two-stage training
+
+def lr_at(step, n_steps, cfg):
+    """not in the paper: linear warm-up for cfg.warmup of the steps, then cosine decay to 0."""
+    n_warm = max(1, int(cfg.warmup * n_steps))
+    if step < n_warm:
+        return cfg.lr * (step + 1) / n_warm
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - n_warm) / max(1, n_steps - n_warm)))
+
+
+def stage1_epochs(cfg):
+    """Stage 1 = the L1-only epochs: 30 of 300 in Sec. IV-A, scaled with --epochs."""
+    return max(1, round(cfg.epochs * cfg.l1_epochs / 300))
+
+
+def make_optimizer(model, device):
+    return torch.optim.Adam(model.parameters(), lr=0.0, fused=device.type == "cuda")
+
+
+def split_model(model, optimizer, boundaries, device):
+    """Stage 1 -> 2; the Adam moments of duplicated tensors are duplicated too."""
+    names = {p: n for n, p in model.named_parameters()}
+    old = {names[p]: s for p, s in optimizer.state.items()}
+    model.split_gops(boundaries)
+    optimizer = make_optimizer(model, device)
+    for name, p in model.named_parameters():
+        if name in old:
+            optimizer.state[p] = {k: v.repeat(p.shape[0] // v.shape[0], *[1] * (v.dim() - 1))
+                                  if v.dim() and v.shape != p.shape else v.clone() for k, v in old[name].items()}
+    return optimizer
+
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Rebuild a model from a checkpoint (its config is inside). Never unpickles objects."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    cfg = TeNeRVConfig(**{k: tuple(v) if k == "strides" else v for k, v in ckpt["config"].items()})
+    model = TeNeRV(cfg, stage=ckpt["stage"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
+
+
+@torch.no_grad()
+def reconstruct(model, device, batch_size=4):
+    """All frames (T, 3, H, W) in [0, 1], and decoding frames/s (forward only)."""
+    model.eval()
+    T = model.cfg.n_frames
+    out = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for t in torch.arange(T, device=device).split(batch_size):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(model(t).float().clamp(0, 1))
+    sync()
+    fps = T / (time.perf_counter() - t0)
+    model.train()
+    return torch.cat(out), fps
+
+
+def evaluate(model, frames, device):
+    """PSNR per frame, mean MS-SSIM and decode speed of the model against uint8 frames."""
+    recon, fps = reconstruct(model, device)
+    p, m = [], []
+    for r, f in zip(recon.split(8), frames.split(8)):
+        f = f.to(device).float() / 255
+        p.append(psnr(r, f))
+        m.append(msssim(r, f))
+    return torch.cat(p).cpu(), torch.cat(m).mean().item(), fps, recon
+
+
+class Progress:
+    """One line that updates in place on a terminal, one line per epoch otherwise."""
+
+    def __init__(self, n_epochs):
+        self.n_epochs, self.t0, self.tty = n_epochs, time.time(), sys.stdout.isatty()
+
+    def update(self, epoch, done, total, loss, psnr_db, stage, final=False):
+        if not (self.tty or final):
+            return
+        elapsed = time.time() - self.t0
+        frac = (epoch + done / total) / self.n_epochs
+        eta = elapsed / max(frac, 1e-9) * (1 - frac) if frac > 0 else 0
+        bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+        line = (f"[{bar}] epoch {epoch + 1}/{self.n_epochs} stage {stage} loss {loss:.4f} "
+                f"psnr {psnr_db:.2f} dB  ETA {eta / 60:.1f} min")
+        print(("\r" + line) if self.tty else line, end="" if self.tty and not final else "\n", flush=True)
+
+
+def train(cfg, frames, out_dir, device, resume=False, log=print):
+    """Two-stage training of Sec. III-C; writes out_dir/ckpt.pt and metrics.json, returns the model."""
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    T = cfg.n_frames
+    E, E1 = cfg.epochs, stage1_epochs(cfg)
+    frames_dev = frames.to(device)
+    steps_per_epoch = math.ceil(T / cfg.batch_size)
+    n_steps = E * steps_per_epoch
+
+    torch.manual_seed(cfg.seed)
+    model = TeNeRV(cfg).to(device)
+    optimizer = make_optimizer(model, device)
+    state = dict(epoch=0, history=[], train_seconds=0.0, boundaries=[], divergence=[])
+    if resume:
+        if not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f"{ckpt_path}: no checkpoint to resume; run without --resume to start")
+        model, ckpt = load_checkpoint(ckpt_path, device)
+        saved = TeNeRVConfig(**{k: tuple(v) if k == "strides" else v for k, v in ckpt["config"].items()})
+        if saved != cfg:
+            diff = [k for k in asdict(cfg) if getattr(cfg, k) != getattr(saved, k)]
+            raise ValueError(f"{ckpt_path}: was trained with other settings ({', '.join(diff)}); "
+                             f"use the same flags to resume or another --out")
+        optimizer = make_optimizer(model, device)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = ckpt["state"]
+        log(f"resuming {out_dir} at epoch {state['epoch']}/{E}")
+
+    def snapshot():
+        return dict(config=asdict(cfg), stage=model.stage, model=copy.deepcopy(model.state_dict()),
+                    optimizer=copy.deepcopy(optimizer.state_dict()), state=copy.deepcopy(state))
+
+    use_amp = device.type == "cuda"
+    if use_amp:
+        model = model.to(memory_format=torch.channels_last)
+    last = snapshot()
+    last_write = time.time()
+    progress = Progress(E)
+    try:
+        for epoch in range(state["epoch"], E):
+            t_epoch = time.time()
+            if epoch >= E1 and model.stage == 1:
+                optimizer = stage_switch(model, optimizer, state, device, log)
+            order = torch.randperm(T, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+            tot_loss = tot_psnr = 0.0
+            for j, t in enumerate(order.split(cfg.batch_size)):
+                step = epoch * steps_per_epoch + j
+                for g in optimizer.param_groups:
+                    g["lr"] = lr_at(step, n_steps, cfg)
+                t = t.to(device)
+                target = frames_dev[t].float() / 255
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                    out = model(t)
+                out = out.float()
+                l1 = (out - target).abs().mean()
+                if epoch < E1:  # Sec. IV-A: L1 only for the first epochs
+                    loss = l1
+                else:           # then L1 + MS-SSIM
+                    loss = cfg.l1_weight * l1 + cfg.msssim_weight * (1 - msssim(out, target).mean())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                tot_loss += loss.item() * len(t)
+                tot_psnr += psnr(out.detach().clamp(0, 1), target).sum().item()
+                progress.update(epoch, j + 1, steps_per_epoch, tot_loss / (j * cfg.batch_size + len(t)),
+                                tot_psnr / (j * cfg.batch_size + len(t)), model.stage)
+            state["epoch"] = epoch + 1
+            state["train_seconds"] += time.time() - t_epoch
+            state["history"].append(dict(epoch=epoch + 1, stage=model.stage, loss=tot_loss / T, psnr=tot_psnr / T,
+                                         seconds=time.time() - t_epoch))
+            progress.update(epoch, steps_per_epoch, steps_per_epoch, tot_loss / T, tot_psnr / T, model.stage,
+                            final=not progress.tty or epoch + 1 == E)
+            last = snapshot()
+            if time.time() - last_write >= cfg.checkpoint_seconds or epoch + 1 == E:
+                save_atomic(last, ckpt_path)
+                last_write = time.time()
+        if model.stage == 1:  # fewer epochs than stage 1 needs: still end with the stage-2 model
+            optimizer = stage_switch(model, optimizer, state, device, log)
+            last = snapshot()
+            save_atomic(last, ckpt_path)
+    except KeyboardInterrupt:
+        save_atomic(last, ckpt_path)  # the last finished epoch, never a half-updated model
+        log(f"\ninterrupted: {ckpt_path} holds epoch {last['state']['epoch']}; continue with --resume")
+        raise
+    return model, state
+
+
+def stage_switch(model, optimizer, state, device, log):
+    """End of stage 1: divergence (Eq. 4), Algorithm 1 (or an ablation's rule), K copies."""
+    cfg = model.cfg
+    D = divergence(model.all_temporal_features())
+    if cfg.ablation in ("V4", "V5"):
+        boundaries = equal_gops(cfg.n_frames, cfg.gops)
+    else:
+        boundaries = partition_gops(D.tolist(), cfg.gops, cfg.min_gop)
+    state["divergence"], state["boundaries"] = D.tolist(), boundaries
+    log(f"\nstage 2: {cfg.gops} GoPs starting at frames {[0] + boundaries}")
+    return split_model(model, optimizer, boundaries, device)
+
+
+def save_frames(recon, folder):
+    os.makedirs(folder, exist_ok=True)
+    for i, f in enumerate(recon):
+        a = (f.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        tmp = os.path.join(folder, f".{i + 1:04d}.png.tmp")
+        Image.fromarray(a).save(tmp, format="PNG")
+        os.replace(tmp, os.path.join(folder, f"{i + 1:04d}.png"))
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def make_parser():
+    d = TeNeRVConfig()
+    p = argparse.ArgumentParser(description="Train a TeNeRV model on a video and report its quality.")
+    p.add_argument("--frames", required=True, help="folder of PNG/JPEG frames, or a raw 8-bit YUV 4:2:0 .yuv file")
+    p.add_argument("--size", default=None, help="WxH of a .yuv file (else read from a _WxH in its name)")
+    p.add_argument("--params", default="0.3M", help="parameters of the final model, e.g. 3M, 0.3M, 300K")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="total epochs of both stages")
+    p.add_argument("--gops", type=int, default=d.gops, help="K, number of GoPs (0 = T/16, at most 8)")
+    p.add_argument("--min-gop", type=int, default=d.min_gop, help="L_min of Algorithm 1, frames (0 = T/(2K))")
+    p.add_argument("--window", type=int, default=d.window, help="l, IFF window, frames (Eq. 2)")
+    p.add_argument("--strides", default="", help="upsampling strides, e.g. 5,2,2 (default: from the frame size)")
+    p.add_argument("--ablation", default="", choices=("",) + ABLATIONS, help="a variant of Table III")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="frames per training step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak Adam learning rate")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<frames name>_<params>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="where to train")
+    p.add_argument("--save-frames", action="store_true", help="write the reconstruction to RUN/frames/")
+    p.add_argument("--dry-run", action="store_true", help="print the configuration and parameter count, then exit")
+    return p
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+def run(args):
+    if args.epochs < 1:
+        raise ValueError(f"--epochs {args.epochs}: must be at least 1")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
+    try:
+        strides = tuple(int(s) for s in args.strides.split(",")) if args.strides else ()
+    except ValueError:
+        raise ValueError(f"--strides {args.strides!r}: expected integers separated by commas, e.g. 5,2,2") from None
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available; use --device cpu")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          args.device if args.device != "auto" else "cpu")
+    frames = load_frames(args.frames, args.size)
+    T, _, H, W = frames.shape
+    cfg = size_model(TeNeRVConfig(
+        n_frames=T, height=H, width=W, params=parse_params(args.params), strides=strides,
+        gops=args.gops, min_gop=args.min_gop, window=args.window, ablation=args.ablation,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed))
+    n_params = count_params(cfg)
+    print(f"frames: {T} x {W}x{H} from {args.frames}")
+    print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    print(f"parameters: {n_params}")
+    if args.dry_run:
+        return
+    name = os.path.basename(os.path.normpath(args.frames)).split(".")[0]
+    out = args.out or os.path.join("runs", f"{name}_{args.params}{'_' + args.ablation if args.ablation else ''}")
+    print(f"run folder: {out}  device: {device}")
+    model, state = train(cfg, frames, out, device, resume=args.resume)
+    p, m, fps, recon = evaluate(model, frames, device)
+    metrics = dict(params=n_params, psnr=p.mean().item(), psnr_per_frame=p.tolist(), msssim=m,
+                   msssim_scales=msssim_scales(H, W), gop_boundaries=state["boundaries"],
+                   divergence=state["divergence"], epochs=state["epoch"], train_seconds=state["train_seconds"],
+                   seconds_per_epoch=state["train_seconds"] / max(1, len(state["history"])),
+                   decode_fps=fps, device=str(device), history=state["history"], config=asdict(cfg))
+    write_json_atomic(metrics, os.path.join(out, "metrics.json"))
+    if args.save_frames:
+        save_frames(recon, os.path.join(out, "frames"))
+    print(f"PSNR {metrics['psnr']:.2f} dB  MS-SSIM {m:.4f}  params {n_params}  "
+          f"{metrics['seconds_per_epoch']:.1f} s/epoch  decode {fps:.1f} frames/s  -> {out}/metrics.json")
+
+
+if __name__ == "__main__":
+    main()
