@@ -46,13 +46,14 @@ class TeNeRVConfig:
     base_h: int = 0              # grid height (derived: ceil(H / prod(strides)))
     base_w: int = 0              # grid width (derived)
     grid_levels: int = 3         # temporal resolutions T+l-1, /2, /4 (FFNeRV-style, Eq. 1)
-    grid_share: float = 0.4      # not in the paper: fraction of the budget given to the base grids
-    grid_channels: int = 0       # channels per grid level (derived from grid_share)
+    grid_share: float = 0.55     # not in the paper: fraction of the budget given to the base grids
+    grid_channels: tuple = ()    # channels of each grid level (derived: grid_share split evenly over levels)
     dim: int = 0                 # C_0, channels at grid resolution (derived from the budget)
     dim_hidden0: int = 0         # hidden width of the first block's pointwise MLP (derived, fine knob)
     width_ratio: float = 2.0     # not in the paper: channels divide by this at each upsampling block
     min_dim: int = 8             # narrowest block, channels
-    expansion: int = 4           # hidden width / channels in each pointwise MLP (ConvNeXt-style)
+    depths: tuple = ()           # refinement units per block (derived: 3 at low resolution, 1 at high)
+    expansions: tuple = ()       # pointwise MLP hidden width / channels per block (derived: 4 low, 1 high)
     kernel: int = 5              # depthwise kernel size
     window: int = 3              # l, IFF window size (Eq. 2)
     gops: int = 0                # K, number of GoPs; 0 = derived from T (see default_gops)
@@ -62,7 +63,8 @@ class TeNeRVConfig:
     epochs: int = 300            # total epochs of both stages (Sec. IV-A)
     l1_epochs: int = 30          # L1-only epochs out of 300 = stage 1; scales with --epochs
     batch_size: int = 1          # frames per step
-    lr: float = 2e-3             # Adam peak learning rate (not in the paper)
+    lr: float = 5e-3             # Adam peak learning rate (not in the paper; 1e-2 diverged)
+    grid_lr: float = 5.0         # learning-rate multiplier of grids and IFF weights (not in the paper)
     warmup: float = 0.03         # fraction of steps of linear warm-up, then cosine to 0 (not in the paper)
     l1_weight: float = 0.7       # stage-2 loss = l1_weight * L1 + msssim_weight * (1 - MS-SSIM)
     msssim_weight: float = 0.3
@@ -195,20 +197,26 @@ def psnr(x, y):
 # -----------------------------------------------------------------------------
 # III-A. Base temporal grids (Eq. 1, 3)
 
+def grid_sizes(n_positions, n_levels):
+    """Temporal resolution of each level: n_positions, then halving (at least 2 to interpolate)."""
+    return [max(2, math.ceil(n_positions / 2 ** j)) for j in range(n_levels)]
+
+
 class TemporalGrids(nn.Module):
     """gamma_base: FFNeRV-style multi-resolution learnable grids over time, linearly interpolated.
 
-    Level j holds ceil(n_positions / 2^j) feature maps of shape (c, h, w); a query at base
+    Level j holds ceil(n_positions / 2^j) feature maps of shape (c_j, h, w); coarser levels are
+    wider (FFNeRV), so that every level holds about the same number of values. A query at base
     position i (0-based, 0 <= i < T + l - 1, Eq. 3) interpolates each level at the same
     relative time and concatenates the levels along channels.
     """
 
-    def __init__(self, n_positions, n_levels, channels, h, w):
+    def __init__(self, n_positions, channels, h, w):
         super().__init__()
         self.n_positions = n_positions
-        sizes = [max(2, math.ceil(n_positions / 2 ** j)) for j in range(n_levels)]
+        sizes = grid_sizes(n_positions, len(channels))
         # not in the paper: grids start as N(0, 0.1^2)
-        self.levels = nn.ParameterList([nn.Parameter(0.1 * torch.randn(n, channels, h, w)) for n in sizes])
+        self.levels = nn.ParameterList([nn.Parameter(0.1 * torch.randn(n, c, h, w)) for n, c in zip(sizes, channels)])
 
     def forward(self, i):  # i: (N,) base positions -> (N, levels * c, h, w)
         u = i.float() / max(self.n_positions - 1, 1)  # relative time in [0, 1]
@@ -357,25 +365,35 @@ class GoPDepthwiseConv(nn.Module):
         self.bias = nn.Parameter(self.bias.detach()[:1].repeat(K, 1))
 
 
-class TeNeRVBlock(nn.Module):
-    """Upsample by `stride`, then refine with a depthwise-separable residual unit.
+class Refinement(nn.Module):
+    """x + pw2(GELU(pw1(dw(x)))): depthwise k x k conv (GoP-specific), pointwise MLP (shared)."""
 
-    x -> 1x1 conv (channels dim_in -> dim_out) -> bilinear upsampling -> + sub-pixel code
-      -> x + pw2(GELU(pw1(dw_k(x))))   with dw_k GoP-specific and pw1, pw2 shared.
+    def __init__(self, dim, kernel, dim_hidden, n_gops=1):
+        super().__init__()
+        self.dw = GoPDepthwiseConv(dim, kernel, n_gops)
+        self.pw1 = nn.Conv2d(dim, dim_hidden, 1)
+        self.pw2 = nn.Conv2d(dim_hidden, dim, 1)
+
+    def forward(self, x, gop):
+        return x + self.pw2(F.gelu(self.pw1(self.dw(x, gop))))
+
+
+class TeNeRVBlock(nn.Module):
+    """Upsample by `stride`, then refine with `depth` depthwise-separable residual units.
+
+    x -> 1x1 conv (dim_in -> dim_out) -> bilinear upsampling -> + sub-pixel code -> Refinement x depth
     The 1x1 conv runs before the upsampling: both are linear per channel, so they commute
     and the conv costs stride^2 times less.
     """
 
-    def __init__(self, dim_in, dim_out, stride, kernel, dim_hidden, n_gops=1):
+    def __init__(self, dim_in, dim_out, stride, kernel, dim_hidden, depth=1, n_gops=1):
         super().__init__()
         self.stride = stride
         self.proj = nn.Conv2d(dim_in, dim_out, 1)
         # not in the paper: a learned (C, s, s) code tiled over the image, so the otherwise
         # position-blind bilinear upsampling can place different detail at each sub-pixel
         self.subpixel = nn.Parameter(torch.zeros(1, dim_out, 1, stride, 1, stride)) if stride > 1 else None
-        self.dw = GoPDepthwiseConv(dim_out, kernel, n_gops)
-        self.pw1 = nn.Conv2d(dim_out, dim_hidden, 1)
-        self.pw2 = nn.Conv2d(dim_hidden, dim_out, 1)
+        self.units = nn.ModuleList([Refinement(dim_out, kernel, dim_hidden, n_gops) for _ in range(depth)])
 
     def forward(self, x, gop):
         x = self.proj(x)
@@ -384,7 +402,9 @@ class TeNeRVBlock(nn.Module):
             s = self.stride
             x = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
             x = (x.view(B, C, h, s, w, s) + self.subpixel).view(B, C, h * s, w * s)
-        return x + self.pw2(F.gelu(self.pw1(self.dw(x, gop))))
+        for unit in self.units:
+            x = unit(x, gop)
+        return x
 
 
 # -----------------------------------------------------------------------------
@@ -404,17 +424,18 @@ class TeNeRV(nn.Module):
         self.cfg = cfg
         T, l = cfg.n_frames, self.window
         K = cfg.gops if stage == 2 else 1
-        self.grids = TemporalGrids(T + l - 1, cfg.grid_levels, cfg.grid_channels, cfg.base_h, cfg.base_w)
+        self.grids = TemporalGrids(T + l - 1, cfg.grid_channels, cfg.base_h, cfg.base_w)
         self.iff = InterFrameFusion(T, l) if cfg.ablation != "V1" else None  # V1: base grids only
-        dim_grid = cfg.grid_levels * cfg.grid_channels
+        dim_grid = sum(cfg.grid_channels)
         # Eq. (5): one GoP-level grid per GoP (V2: none)
         self.gop_grid = nn.Parameter(torch.zeros(K, dim_grid, cfg.base_h, cfg.base_w)) if cfg.ablation != "V2" else None
         self.register_buffer("gop_of_frame", torch.zeros(T, dtype=torch.long))
         dims = block_dims(cfg)
         n_dw = 1 if cfg.ablation == "V3" else K  # V3: one shared depthwise kernel set
-        self.blocks = nn.ModuleList([TeNeRVBlock(dim_grid, dims[0], 1, cfg.kernel, cfg.dim_hidden0, n_dw)])
+        self.blocks = nn.ModuleList([TeNeRVBlock(dim_grid, dims[0], 1, cfg.kernel, cfg.dim_hidden0, cfg.depths[0], n_dw)])
         for i, s in enumerate(cfg.strides):
-            self.blocks.append(TeNeRVBlock(dims[i], dims[i + 1], s, cfg.kernel, cfg.expansion * dims[i + 1], n_dw))
+            self.blocks.append(TeNeRVBlock(dims[i], dims[i + 1], s, cfg.kernel, cfg.expansions[i + 1] * dims[i + 1],
+                                           cfg.depths[i + 1], n_dw))
         self.head = nn.Conv2d(dims[-1], 3, 3, padding=1)
         self.stage = stage
 
@@ -452,8 +473,9 @@ class TeNeRV(nn.Module):
         if self.gop_grid is not None:
             self.gop_grid = nn.Parameter(self.gop_grid.detach().repeat(K, 1, 1, 1))
         if self.cfg.ablation != "V3":
-            for block in self.blocks:
-                block.dw.duplicate(K)
+            for m in self.modules():
+                if isinstance(m, GoPDepthwiseConv):
+                    m.duplicate(K)
         self.stage = 2
 
 
@@ -461,8 +483,9 @@ class TeNeRV(nn.Module):
 # Parameter budget: --params sets every width
 
 STRIDE_FACTORS = (5, 3, 2)  # upsampling factors a block may use, largest first (NeRV, HiNeRV)
-BASE_AREA = 144             # not in the paper: grids of about 16 x 9 cells, as HiNeRV/T-NeRV use at 1080p
+BASE_AREA = 576             # not in the paper: grids of about 32 x 18 cells (measured: +1.2 dB over 16 x 9)
 MAX_PADDING = 0.10          # at most 10% more pixels than the frame
+DEEP = 3                    # refinement units in a low-resolution block
 
 
 def choose_strides(H, W):
@@ -510,20 +533,29 @@ def size_model(cfg):
         K, L_min = math.ceil(T / 32), 1
     check_gops(T, K, L_min)
     cfg = replace(cfg, strides=strides, base_h=math.ceil(H / S), base_w=math.ceil(W / S), gops=K, min_gop=L_min)
+    if not cfg.depths or not cfg.expansions:
+        # not in the paper (HiNeRV's pattern): deep, wide units where the feature map is small,
+        # one narrow unit where it is large, so most parameters cost little compute
+        small = [cfg.base_h * cfg.base_w * math.prod(strides[:i]) ** 2 <= H * W / 64 for i in range(len(strides) + 1)]
+        cfg = replace(cfg, depths=cfg.depths or tuple(DEEP if sm else 1 for sm in small),
+                      expansions=cfg.expansions or tuple(4 if sm else 1 for sm in small))
+    if len(cfg.depths) != len(strides) + 1 or len(cfg.expansions) != len(strides) + 1:
+        raise ValueError(f"depths {cfg.depths} / expansions {cfg.expansions}: need one per block ({len(strides) + 1})")
 
     n_positions = T + (1 if cfg.ablation == "V1" else cfg.window) - 1
-    cells = sum(max(2, math.ceil(n_positions / 2 ** j)) for j in range(cfg.grid_levels)) * cfg.base_h * cfg.base_w
-    grid_channels = max(1, round(cfg.grid_share * cfg.params / cells))
+    sizes = grid_sizes(n_positions, cfg.grid_levels)
+    per_level = cfg.grid_share * cfg.params / cfg.grid_levels
+    grid_channels = [max(1, round(per_level / (n * cfg.base_h * cfg.base_w))) for n in sizes]
 
     def sized(dim, grid_channels):
-        c = replace(cfg, dim=dim, grid_channels=grid_channels, dim_hidden0=cfg.expansion * dim)
+        c = replace(cfg, dim=dim, grid_channels=tuple(grid_channels), dim_hidden0=cfg.expansions[0] * dim)
         return c, count_params(c)
 
     while True:
         lo_cfg, lo_n = sized(cfg.min_dim, grid_channels)
-        if lo_n <= cfg.params or grid_channels == 1:
+        if lo_n <= cfg.params or max(grid_channels) == 1:
             break
-        grid_channels -= 1  # a tight budget: fewer grid channels before giving up
+        grid_channels = [max(1, c // 2) for c in grid_channels]  # a tight budget: narrower grids first
     if lo_n > cfg.params:
         raise ValueError(f"--params {cfg.params}: too small for {T} frames of {W}x{H}; the smallest model "
                          f"has {lo_n} parameters. Raise --params or use fewer frames")
@@ -534,8 +566,8 @@ def size_model(cfg):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if sized(mid, grid_channels)[1] <= cfg.params else (lo, mid)
     cfg, n = sized(lo, grid_channels)
-    # fine knob: the first block's MLP hidden width costs 2 * dim + 1 parameters per channel
-    cfg = replace(cfg, dim_hidden0=cfg.dim_hidden0 + round((cfg.params - n) / (2 * cfg.dim + 1)))
+    # fine knob: each hidden channel of the first block's MLPs costs depth * (2 * dim + 1) parameters
+    cfg = replace(cfg, dim_hidden0=cfg.dim_hidden0 + round((cfg.params - n) / (cfg.depths[0] * (2 * cfg.dim + 1))))
     n = count_params(cfg)
     if abs(n - cfg.params) > 0.01 * cfg.params:
         raise ValueError(f"--params {cfg.params}: the closest model has {n} parameters (more than 1% off); "
@@ -560,7 +592,11 @@ def stage1_epochs(cfg):
 
 
 def make_optimizer(model, device):
-    return torch.optim.Adam(model.parameters(), lr=0.0, fused=device.type == "cuda")
+    """Adam; the grids (base, GoP) and IFF weights learn grid_lr times faster than the convolutions."""
+    grid = [p for n, p in model.named_parameters() if n.startswith(("grids.", "gop_grid", "iff."))]
+    rest = [p for n, p in model.named_parameters() if not n.startswith(("grids.", "gop_grid", "iff."))]
+    groups = [dict(params=grid, scale=model.cfg.grid_lr), dict(params=rest, scale=1.0)]
+    return torch.optim.Adam(groups, lr=0.0, fused=device.type == "cuda")
 
 
 def split_model(model, optimizer, boundaries, device):
@@ -589,10 +625,14 @@ def write_json_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def config_from_dict(d):
+    return TeNeRVConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
 def load_checkpoint(path, device="cpu"):
     """Rebuild a model from a checkpoint (its config is inside). Never unpickles objects."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    cfg = TeNeRVConfig(**{k: tuple(v) if k == "strides" else v for k, v in ckpt["config"].items()})
+    cfg = config_from_dict(ckpt["config"])
     model = TeNeRV(cfg, stage=ckpt["stage"]).to(device)
     model.load_state_dict(ckpt["model"])
     return model, ckpt
@@ -663,7 +703,7 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"{ckpt_path}: no checkpoint to resume; run without --resume to start")
         model, ckpt = load_checkpoint(ckpt_path, device)
-        saved = TeNeRVConfig(**{k: tuple(v) if k == "strides" else v for k, v in ckpt["config"].items()})
+        saved = config_from_dict(ckpt["config"])
         if saved != cfg:
             diff = [k for k in asdict(cfg) if getattr(cfg, k) != getattr(saved, k)]
             raise ValueError(f"{ckpt_path}: was trained with other settings ({', '.join(diff)}); "
@@ -693,7 +733,7 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
             for j, t in enumerate(order.split(cfg.batch_size)):
                 step = epoch * steps_per_epoch + j
                 for g in optimizer.param_groups:
-                    g["lr"] = lr_at(step, n_steps, cfg)
+                    g["lr"] = lr_at(step, n_steps, cfg) * g["scale"]
                 t = t.to(device)
                 target = frames_dev[t].float() / 255
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):

@@ -137,12 +137,12 @@ def test_shapes_and_crop():
     t = torch.tensor([0, 3, 7])
     assert model(t).shape == (3, 3, 22, 38)
     X_base = model.grids(torch.arange(cfg.n_frames + cfg.window - 1))
-    assert X_base.shape == (cfg.n_frames + cfg.window - 1, 3 * cfg.grid_channels, 6, 10)  # Eq. 3: T + l - 1
-    assert model.temporal_features(t).shape == (3, 3 * cfg.grid_channels, 6, 10)
+    assert X_base.shape == (cfg.n_frames + cfg.window - 1, sum(cfg.grid_channels), 6, 10)  # Eq. 3: T + l - 1
+    assert model.temporal_features(t).shape == (3, sum(cfg.grid_channels), 6, 10)
 
 
 def test_grid_linear_interpolation():
-    grids = tenerv.TemporalGrids(n_positions=9, n_levels=2, channels=1, h=1, w=1)
+    grids = tenerv.TemporalGrids(n_positions=9, channels=(1, 1), h=1, w=1)
     fine, coarse = grids.levels  # 9 and 5 slots
     x = grids(torch.tensor([3]))
     assert torch.allclose(x[0, 0], fine[3, 0])  # level 0: one slot per position
@@ -241,10 +241,11 @@ def test_budget_counts_real_stage2_model():
 
 
 def test_auto_strides():
-    assert tenerv.choose_strides(1080, 1920) == (5, 3, 2, 2, 2)
-    assert tenerv.choose_strides(720, 1280) == (5, 2, 2, 2, 2)
-    assert tenerv.choose_strides(180, 320) == (5, 2, 2)
-    assert tenerv.choose_strides(144, 176) == (2, 2, 2, 2)
+    assert tenerv.choose_strides(1080, 1920) == (5, 3, 2, 2)   # 32 x 18 grid
+    assert tenerv.choose_strides(720, 1280) == (5, 2, 2, 2)    # 32 x 18
+    assert tenerv.choose_strides(180, 320) == (5, 2)           # 32 x 18
+    assert tenerv.choose_strides(144, 176) == (2, 2, 2)        # 22 x 18
+    assert tenerv.choose_strides(136, 320) == (2, 2, 2)        # 40 x 17
 
 
 def test_dry_run_prints_exact_count(tmp_path, capsys):
@@ -277,7 +278,7 @@ def test_ablation_structure():
     assert tenerv.TeNeRV(tiny_cfg(ablation="V2")).gop_grid is None
     m3 = tenerv.TeNeRV(tiny_cfg(ablation="V3"))
     m3.split_gops([4])
-    assert m3.blocks[0].dw.weight.shape[0] == 1 and m3.gop_grid.shape[0] == 2
+    assert m3.blocks[0].units[0].dw.weight.shape[0] == 1 and m3.gop_grid.shape[0] == 2
     assert tenerv.size_model(TeNeRVConfig(n_frames=64, height=180, width=320, ablation="V5")).gops == 2
 
 
@@ -291,8 +292,10 @@ def test_tiny_clip_overfits_and_gop_kernels_differ(tmp_path):
     p, m, fps, recon = tenerv.evaluate(model, frames, torch.device("cpu"))
     assert p.mean() > first + 6 and p.mean() > 22, (first, last, p.mean())
     assert len(state["boundaries"]) == 1 and model.stage == 2
-    for block in model.blocks:  # stage 2 trained the copies apart
-        w = block.dw.weight
+    dws = [m for m in model.modules() if isinstance(m, tenerv.GoPDepthwiseConv)]
+    assert len(dws) == sum(cfg.depths)
+    for dw in dws:  # stage 2 trained the copies apart
+        w = dw.weight
         assert w.shape[0] == 2 and (w[0] - w[1]).abs().max() > 1e-4
     assert (model.gop_grid[0] - model.gop_grid[1]).abs().max() > 1e-4
     # the checkpoint rebuilds the same model, loading with weights_only=True
