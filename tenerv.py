@@ -45,6 +45,7 @@ class TeNeRVConfig:
     strides: tuple = ()          # upsampling factor of each TeNeRV block; () = derived from H, W
     base_h: int = 0              # grid height (derived: ceil(H / prod(strides)))
     base_w: int = 0              # grid width (derived)
+    grid_stride: int = 1         # frames per cell of the finest grid level
     grid_levels: int = 3         # temporal resolutions T+l-1, /2, /4 (FFNeRV-style, Eq. 1)
     grid_share: float = 0.55     # not in the paper: fraction of the budget given to the base grids
     grid_channels: tuple = ()    # channels of each grid level (derived: grid_share split evenly over levels)
@@ -64,7 +65,8 @@ class TeNeRVConfig:
     l1_epochs: int = 30          # L1-only epochs out of 300 = stage 1; scales with --epochs
     batch_size: int = 1          # frames per step
     lr: float = 5e-3             # Adam peak learning rate (not in the paper; 1e-2 diverged)
-    grid_lr: float = 5.0         # learning-rate multiplier of grids and IFF weights (not in the paper)
+    grid_lr: float = 5.0         # learning-rate multiplier of the grids (not in the paper)
+    iff_lr: float = 1.0          # learning-rate multiplier of the IFF weights (not in the paper)
     warmup: float = 0.03         # fraction of steps of linear warm-up, then cosine to 0 (not in the paper)
     l1_weight: float = 0.7       # stage-2 loss = l1_weight * L1 + msssim_weight * (1 - MS-SSIM)
     msssim_weight: float = 0.3
@@ -197,9 +199,9 @@ def psnr(x, y):
 # -----------------------------------------------------------------------------
 # III-A. Base temporal grids (Eq. 1, 3)
 
-def grid_sizes(n_positions, n_levels):
-    """Temporal resolution of each level: n_positions, then halving (at least 2 to interpolate)."""
-    return [max(2, math.ceil(n_positions / 2 ** j)) for j in range(n_levels)]
+def grid_sizes(n_positions, n_levels, stride=1):
+    """Temporal resolution of each level: n_positions / stride, then halving (at least 2)."""
+    return [max(2, math.ceil(n_positions / stride / 2 ** j)) for j in range(n_levels)]
 
 
 class TemporalGrids(nn.Module):
@@ -211,10 +213,10 @@ class TemporalGrids(nn.Module):
     relative time and concatenates the levels along channels.
     """
 
-    def __init__(self, n_positions, channels, h, w):
+    def __init__(self, n_positions, channels, h, w, stride=1):
         super().__init__()
         self.n_positions = n_positions
-        sizes = grid_sizes(n_positions, len(channels))
+        sizes = grid_sizes(n_positions, len(channels), stride)
         # not in the paper: grids start as N(0, 0.1^2)
         self.levels = nn.ParameterList([nn.Parameter(0.1 * torch.randn(n, c, h, w)) for n, c in zip(sizes, channels)])
 
@@ -424,7 +426,7 @@ class TeNeRV(nn.Module):
         self.cfg = cfg
         T, l = cfg.n_frames, self.window
         K = cfg.gops if stage == 2 else 1
-        self.grids = TemporalGrids(T + l - 1, cfg.grid_channels, cfg.base_h, cfg.base_w)
+        self.grids = TemporalGrids(T + l - 1, cfg.grid_channels, cfg.base_h, cfg.base_w, cfg.grid_stride)
         self.iff = InterFrameFusion(T, l) if cfg.ablation != "V1" else None  # V1: base grids only
         dim_grid = sum(cfg.grid_channels)
         # Eq. (5): one GoP-level grid per GoP (V2: none)
@@ -482,7 +484,6 @@ class TeNeRV(nn.Module):
 # -----------------------------------------------------------------------------
 # Parameter budget: --params sets every width
 
-STRIDE_FACTORS = (5, 3, 2)  # upsampling factors a block may use, largest first (NeRV, HiNeRV)
 BASE_AREA = 576             # not in the paper: grids of about 32 x 18 cells (measured: +1.2 dB over 16 x 9)
 MAX_PADDING = 0.10          # at most 10% more pixels than the frame
 DEEP = 3                    # refinement units in a low-resolution block
@@ -543,7 +544,7 @@ def size_model(cfg):
         raise ValueError(f"depths {cfg.depths} / expansions {cfg.expansions}: need one per block ({len(strides) + 1})")
 
     n_positions = T + (1 if cfg.ablation == "V1" else cfg.window) - 1
-    sizes = grid_sizes(n_positions, cfg.grid_levels)
+    sizes = grid_sizes(n_positions, cfg.grid_levels, cfg.grid_stride)
     per_level = cfg.grid_share * cfg.params / cfg.grid_levels
     grid_channels = [max(1, round(per_level / (n * cfg.base_h * cfg.base_w))) for n in sizes]
 
@@ -592,10 +593,13 @@ def stage1_epochs(cfg):
 
 
 def make_optimizer(model, device):
-    """Adam; the grids (base, GoP) and IFF weights learn grid_lr times faster than the convolutions."""
-    grid = [p for n, p in model.named_parameters() if n.startswith(("grids.", "gop_grid", "iff."))]
-    rest = [p for n, p in model.named_parameters() if not n.startswith(("grids.", "gop_grid", "iff."))]
-    groups = [dict(params=grid, scale=model.cfg.grid_lr), dict(params=rest, scale=1.0)]
+    """Adam; the grids (base, GoP) learn grid_lr times faster, the IFF weights iff_lr times."""
+    def group(prefixes):
+        return [p for n, p in model.named_parameters() if n.startswith(prefixes)]
+    groups = [dict(params=group(("grids.", "gop_grid")), scale=model.cfg.grid_lr),
+              dict(params=group(("iff.",)), scale=model.cfg.iff_lr),
+              dict(params=group(("blocks.", "head.")), scale=1.0)]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     return torch.optim.Adam(groups, lr=0.0, fused=device.type == "cuda")
 
 
@@ -862,7 +866,8 @@ def run(args):
                    msssim_scales=msssim_scales(H, W), gop_boundaries=state["boundaries"],
                    divergence=state["divergence"], epochs=state["epoch"], train_seconds=state["train_seconds"],
                    seconds_per_epoch=state["train_seconds"] / max(1, len(state["history"])),
-                   decode_fps=fps, device=str(device), history=state["history"], config=asdict(cfg))
+                   decode_fps=fps, device=str(device), history=state["history"], config=asdict(cfg),
+                   frames=os.path.abspath(args.frames), size=args.size)
     write_json_atomic(metrics, os.path.join(out, "metrics.json"))
     if args.save_frames:
         save_frames(recon, os.path.join(out, "frames"))

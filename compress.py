@@ -1,0 +1,581 @@
+"""
+compress.py: a trained TeNeRV run -> a .tnrv file someone can send, and back to frames.
+
+Sec. IV-D of the paper: "30 epochs of quantization-aware training followed by entropy coding".
+8-bit QAT with a straight-through estimator, a struct-packed bitstream with a CRC32 per
+section, a built-in adaptive rANS coder (numpy, interleaved over lanes) with a zstd fallback,
+and a decoder that needs only the file.
+
+    python compress.py encode runs/bbb320_0.3M -o clip.tnrv
+    python compress.py decode clip.tnrv --out decoded/ --frames data/bbb320
+    python compress.py encode runs/bbb320_0.3M -o clip_zstd.tnrv --coder zstd
+
+Bitstream format (version 1), all integers little-endian:
+
+    magic        4 bytes  b"TNRV"
+    version      u8       FORMAT_VERSION
+    n_sections   u8
+    then n_sections sections, each
+      tag        4 bytes  b"CONF", b"TENS", b"BIG_" or b"SMAL"
+      coder      u8       0 raw, 1 zstd, 2 rANS (this file's coder)
+      raw_len    u32      bytes of the decoded payload (symbols, for rANS)
+      stored_len u32      bytes that follow
+      crc32      u32      zlib.crc32 of the stored bytes
+      payload    stored_len bytes
+
+    CONF: n_frames u32, height u32, width u32, K u16, boundaries u32 x (K-1)
+          (0-based first frames of GoPs 2..K), then the TeNeRVConfig as UTF-8 JSON
+    TENS: n_tensors u16, then per tensor: name (u8 length + UTF-8), ndim u8, shape u32 x ndim,
+          section u8 (0 BIG_, 1 SMAL), n_scales u32, scales f16 x n_scales (one per tensor,
+          or one per slice along dim 0), lo i8, hi i8 (smallest and largest quantized value)
+    BIG_, SMAL: the int8 values of the tensors assigned to them, in TENS order, as bytes
+          (value + 128); coded as a whole by rANS (see RANSCoder) or zstd, or stored raw.
+
+The weight of element i of a tensor is q_i * scale (float16 scale, computed in float32), so a
+decoder of the same version rebuilds bit-identical weights.
+"""
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+import time
+import zlib
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+import zstandard
+
+import tenerv
+
+MAGIC = b"TNRV"
+FORMAT_VERSION = 1
+QAT_BITS = 8                      # Sec. IV-D
+QMAX = 2 ** (QAT_BITS - 1) - 1    # symmetric: q in [-127, 127]
+ROWS_MIN = 256                    # per-slice scales only for slices of >= this many values
+SMALL = 4096                      # tensors with fewer values go to the SMAL section
+CODERS = {0: "raw", 1: "zstd", 2: "rANS"}
+
+
+class FormatError(ValueError):
+    """A .tnrv file that cannot be decoded (truncated, corrupted, wrong magic, newer version)."""
+
+
+# -----------------------------------------------------------------------------
+# 8-bit quantization (per tensor, or per slice along dim 0 where slices are large)
+
+def n_scales(shape):
+    numel = math.prod(shape)
+    return shape[0] if len(shape) >= 2 and numel // shape[0] >= ROWS_MIN else 1
+
+
+def quantize(w):
+    """w -> (q int8, scale float16): w ~ q * scale, |q| <= 127."""
+    rows = w.detach().float().reshape(n_scales(w.shape), -1)
+    scale = (rows.abs().amax(1) / QMAX).clamp_min(1e-8).half()
+    q = torch.clamp(torch.round(rows / scale.float()[:, None]), -QMAX, QMAX).to(torch.int8)
+    return q.reshape(w.shape), scale
+
+
+def dequantize(q, scale):
+    rows = q.float().reshape(len(scale), -1)
+    return (rows * scale.float()[:, None]).reshape(q.shape)
+
+
+def fake_quantize(w):
+    """Quantize in the forward pass, identity in the backward pass (straight-through estimator)."""
+    q, scale = quantize(w)
+    return w + (dequantize(q, scale) - w).detach()
+
+
+def quantized_state(model):
+    return {name: quantize(p) for name, p in model.named_parameters()}
+
+
+# -----------------------------------------------------------------------------
+# Quantization-aware training (Sec. IV-D)
+
+def qat(model, frames, epochs, device, lr_scale=0.1, log=print):
+    """Fine-tune with fake-quantized weights: the loss sees the 8-bit model, Adam moves the floats."""
+    cfg = model.cfg
+    params = dict(model.named_parameters())
+    optimizer = torch.optim.Adam(params.values(), lr=0.0)
+    frames_dev = frames.to(device)
+    T = cfg.n_frames
+    n_steps = max(1, epochs * math.ceil(T / cfg.batch_size))
+    step = 0
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(T, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        total = 0.0
+        for t in order.split(cfg.batch_size):
+            # not in the paper: QAT at a tenth of the training learning rate, cosine to 0
+            lr = cfg.lr * lr_scale * 0.5 * (1 + math.cos(math.pi * step / n_steps))
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            t = t.to(device)
+            target = frames_dev[t].float() / 255
+            out = torch.func.functional_call(model, {n: fake_quantize(p) for n, p in params.items()}, (t,))
+            loss = cfg.l1_weight * (out - target).abs().mean() + cfg.msssim_weight * (1 - tenerv.msssim(out, target).mean())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(t)
+            step += 1
+        log(f"QAT epoch {epoch + 1}/{epochs} loss {total / T:.4f}")
+    return model
+
+
+# -----------------------------------------------------------------------------
+# rANS: interleaved over lanes, adaptive per block
+
+class RANSCoder:
+    """Range-asymmetric numeral system (Duda 2013), 32-bit states, 16-bit renormalisation.
+
+    Why rANS: the state update is a handful of integer ops that vectorise over independent
+    lanes in numpy, which gives tens of millions of symbols/s without compiled code.
+
+    Adaptivity, with no histogram header: each tensor (a context) is coded in N_BLOCKS blocks,
+    covering the fractions [0, 1/256), [1/256, 1/128), ..., [1/2, 1) of its values. A block is
+    coded with frequencies counted from the same tensor's earlier blocks (plus 1/2 per value in
+    the tensor's [lo, hi] range, the KT estimator), so the decoder rebuilds the same table from
+    what it has decoded. Blocks are laid out one after another for all tensors; each is padded
+    to a whole number of lane steps with a pad symbol of probability 1, which costs no bits.
+    """
+
+    PROB_BITS = 16
+    M = 1 << PROB_BITS
+    L_STATE = 1 << 16                       # states live in [2^16, 2^32)
+    FRACTIONS = [0.0] + [2.0 ** -k for k in range(8, 0, -1)] + [1.0]
+
+    def __init__(self, sizes, ranges):
+        """sizes: values per context; ranges: (lo, hi) symbol range per context (0..255)."""
+        self.sizes, self.ranges = list(sizes), list(ranges)
+        n = sum(self.sizes)
+        self.lanes = int(min(1024, max(16, 2 ** round(math.log2(max(n, 1) / 1024)))))
+        self.n_ctx = len(self.sizes)
+        # the layout: per block, per context, the slice [a, b) of that context's values
+        self.blocks = []
+        for f0, f1 in zip(self.FRACTIONS, self.FRACTIONS[1:]):
+            self.blocks.append([(j, int(f0 * s), int(f1 * s)) for j, s in enumerate(self.sizes)])
+        self.in_range = np.zeros((self.n_ctx, 256), bool)
+        for j, (lo, hi) in enumerate(self.ranges):
+            self.in_range[j, lo: hi + 1] = True
+
+    def tables(self, counts):
+        """Frequencies summing to M per context (>= 1 inside [lo, hi]) and cumulative ones.
+
+        Row n_ctx is the pad context: one symbol of probability 1.
+        """
+        p = np.where(self.in_range, counts + 0.5, 0.0)
+        p /= p.sum(1, keepdims=True)
+        n_in = self.in_range.sum(1, keepdims=True)
+        freq = np.where(self.in_range, 1 + np.floor(p * (self.M - n_in)), 0).astype(np.int64)
+        freq[np.arange(self.n_ctx), freq.argmax(1)] += self.M - freq.sum(1)
+        pad = np.zeros((1, 256), np.int64)
+        pad[0, 0] = self.M
+        freq = np.concatenate([freq, pad])
+        cum = np.cumsum(freq, 1) - freq
+        return freq.astype(np.uint32), cum.astype(np.uint32)
+
+    def _layout(self):
+        """Per block: the context of every slot (n_ctx = pad) and where each value comes from."""
+        offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        out = []
+        for block in self.blocks:
+            lens = np.array([b - a for _, a, b in block], np.int64)
+            ctx = np.repeat(np.arange(self.n_ctx), lens)
+            starts = np.array([offsets[j] + a for j, a, _ in block], np.int64)
+            # src: for each slot, its index in the concatenated values (a run per context)
+            src = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(starts, lens)
+            pad = (-len(ctx)) % self.lanes
+            out.append((np.concatenate([ctx, np.full(pad, self.n_ctx)]), src))
+        return out
+
+    def _count(self, counts, ctx, s):
+        counts += np.bincount(ctx * 256 + s, minlength=self.n_ctx * 256).reshape(self.n_ctx, 256)
+
+    def encode(self, symbols):
+        """symbols: uint8 array, the contexts' values one after another -> bytes."""
+        symbols = np.asarray(symbols, np.uint8)
+        L = self.lanes
+        counts = np.zeros((self.n_ctx, 256))
+        per_block = []
+        for ctx, src in self._layout():  # forward: the tables the decoder will see
+            freq, cum = self.tables(counts)
+            s = np.zeros(len(ctx), np.int64)
+            s[: len(src)] = symbols[src]
+            per_block.append((freq[ctx, s].reshape(-1, L), cum[ctx, s].reshape(-1, L)))
+            self._count(counts, ctx[: len(src)], s[: len(src)])
+        x = np.full(L, self.L_STATE, np.uint32)
+        chunks = []
+        for f, c in reversed(per_block):  # rANS encodes backwards
+            for i in range(len(f) - 1, -1, -1):
+                fi = f[i]
+                emit = (x >> 16) >= fi            # x >= f * 2^16 would overflow 32 bits for the pad
+                chunks.append(x[emit].astype(np.uint16))  # the low 16 bits
+                x = np.where(emit, x >> 16, x)
+                q, r = np.divmod(x, fi)
+                x = (q << 16) + r + c[i]
+        words = np.concatenate(chunks[::-1]) if chunks else np.zeros(0, np.uint16)
+        return x.astype("<u4").tobytes() + words.astype("<u2").tobytes()
+
+    def decode(self, data, n_symbols):
+        L = self.lanes
+        if len(data) < 4 * L or (len(data) - 4 * L) % 2:
+            raise FormatError("rANS stream is truncated")
+        x = np.frombuffer(data[: 4 * L], "<u4").astype(np.uint32)
+        words = np.frombuffer(data[4 * L:], "<u2").astype(np.uint32)
+        pos = 0
+        out = np.zeros(n_symbols, np.uint8)
+        counts = np.zeros((self.n_ctx, 256))
+        symbols = np.tile(np.arange(256, dtype=np.uint8), self.n_ctx + 1)
+        for ctx, src in self._layout():
+            freq, cum = self.tables(counts)
+            inv = np.repeat(symbols, freq.ravel()).reshape(self.n_ctx + 1, self.M)  # slot -> symbol
+            ctx_steps = ctx.reshape(-1, L)
+            decoded = np.zeros(ctx_steps.shape, np.uint8)
+            for i, cj in enumerate(ctx_steps):
+                slot = x & 0xFFFF
+                s = inv[cj, slot]
+                x = freq[cj, s] * (x >> 16) + slot - cum[cj, s]
+                need = x < self.L_STATE
+                n_need = int(np.count_nonzero(need))
+                if pos + n_need > len(words):
+                    raise FormatError("rANS stream is truncated")
+                x[need] = (x[need] << 16) | words[pos: pos + n_need]
+                pos += n_need
+                decoded[i] = s
+            vals = decoded.ravel()[: len(src)]
+            out[src] = vals
+            self._count(counts, ctx[: len(src)], vals.astype(np.int64))
+        if pos != len(words) or not np.all(x == self.L_STATE):
+            raise FormatError("rANS stream is corrupted (it does not end where it should)")
+        return out
+
+
+def rans_encode(values_per_ctx):
+    """List of uint8 arrays -> bytes (the ranges travel in TENS)."""
+    coder = RANSCoder([len(v) for v in values_per_ctx], [symbol_range(v) for v in values_per_ctx])
+    return coder.encode(np.concatenate(values_per_ctx) if values_per_ctx else np.zeros(0, np.uint8))
+
+
+def symbol_range(v):
+    return (int(v.min()), int(v.max())) if len(v) else (0, 0)
+
+
+def entropy_bytes(values_per_ctx):
+    """Sum over contexts of n * H0 / 8: the zeroth-order entropy the coder is measured against."""
+    total = 0.0
+    for v in values_per_ctx:
+        if len(v):
+            p = np.bincount(v, minlength=256) / len(v)
+            p = p[p > 0]
+            total += -len(v) * (p * np.log2(p)).sum() / 8
+    return total
+
+
+# -----------------------------------------------------------------------------
+# Bitstream: sections with a CRC32 each
+
+SECTION = struct.Struct("<4sBIII")  # tag, coder, raw_len, stored_len, crc32
+HEAD = struct.Struct("<4sBB")       # magic, version, n_sections
+
+
+def write_section(tag, coder, raw_len, stored):
+    return SECTION.pack(tag, coder, raw_len, len(stored), zlib.crc32(stored)) + stored
+
+
+def smallest(raw, force=None):
+    """(coder id, stored bytes): raw or zstd, whichever is smaller (or the one forced)."""
+    z = zstandard.ZstdCompressor(level=19).compress(raw)
+    if force == "zstd" or (force is None and len(z) < len(raw)):
+        return 1, z
+    return 0, raw
+
+
+def read_sections(data):
+    if len(data) < HEAD.size:
+        raise FormatError(f"truncated: {len(data)} bytes is shorter than the {HEAD.size}-byte file header")
+    magic, version, n = HEAD.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise FormatError(f"not a TeNeRV file: magic {magic!r}, expected {MAGIC!r}")
+    if version > FORMAT_VERSION:
+        raise FormatError(f"file format version {version} is newer than this decoder ({FORMAT_VERSION}); update compress.py")
+    if version < 1:
+        raise FormatError(f"unknown file format version {version}")
+    pos, sections = HEAD.size, {}
+    for _ in range(n):
+        if pos + SECTION.size > len(data):
+            raise FormatError(f"truncated: section header at byte {pos} runs past the end ({len(data)} bytes)")
+        tag, coder, raw_len, stored_len, crc = SECTION.unpack_from(data, pos)
+        pos += SECTION.size
+        if pos + stored_len > len(data):
+            raise FormatError(f"truncated: section {tag!r} needs {stored_len} bytes, {len(data) - pos} remain")
+        stored = data[pos: pos + stored_len]
+        pos += stored_len
+        if zlib.crc32(stored) != crc:
+            raise FormatError(f"corrupted: section {tag!r} fails its CRC32 check")
+        if coder not in CODERS:
+            raise FormatError(f"corrupted: section {tag!r} names unknown coder {coder}")
+        sections[tag] = (coder, raw_len, stored)
+    if pos != len(data):
+        raise FormatError(f"corrupted: {len(data) - pos} unexpected bytes after the last section")
+    for tag in (b"CONF", b"TENS", b"BIG_", b"SMAL"):
+        if tag not in sections:
+            raise FormatError(f"corrupted: section {tag!r} is missing")
+    return sections
+
+
+def unpack_plain(coder, raw_len, stored, what):
+    if coder == 0:
+        raw = stored
+    elif coder == 1:
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=max(raw_len, 1))
+        except zstandard.ZstdError as e:
+            raise FormatError(f"corrupted: {what} does not decompress ({e})") from None
+    else:
+        raise FormatError(f"corrupted: {what} cannot use coder {CODERS[coder]}")
+    if len(raw) != raw_len:
+        raise FormatError(f"corrupted: {what} has {len(raw)} bytes, the header says {raw_len}")
+    return raw
+
+
+def encode_model(model, boundaries, coder="auto"):
+    """Quantize every parameter and write the file's bytes; returns (bytes, report)."""
+    cfg = model.cfg
+    qs = quantized_state(model)
+    names = list(qs)
+    # CONF
+    conf = struct.pack(f"<IIIH{len(boundaries)}I", cfg.n_frames, cfg.height, cfg.width, len(boundaries) + 1, *boundaries)
+    conf += json.dumps(asdict(cfg)).encode()
+    # TENS
+    tens = struct.pack("<H", len(names))
+    values = {0: [], 1: []}
+    for name in names:
+        q, scale = qs[name]
+        v = (q.reshape(-1).numpy().astype(np.int16) + 128).astype(np.uint8)
+        where = 1 if q.numel() < SMALL else 0
+        values[where].append(v)
+        lo, hi = symbol_range(v)
+        nb = name.encode()
+        tens += struct.pack(f"<B{len(nb)}sB{q.dim()}IBI", len(nb), nb, q.dim(), *q.shape, where, len(scale))
+        tens += scale.numpy().astype("<f2").tobytes() + struct.pack("<bb", lo - 128, hi - 128)
+    out = [write_section(b"CONF", *_plain(conf, coder)), write_section(b"TENS", *_plain(tens, coder))]
+    report = dict(sections={})
+    for tag, key in ((b"BIG_", 0), (b"SMAL", 1)):
+        raw = np.concatenate(values[key]).tobytes() if values[key] else b""
+        c, stored = smallest(raw, "zstd" if coder == "zstd" else None)
+        if coder != "zstd" and values[key]:
+            r = rans_encode(values[key])
+            if len(r) < len(stored):
+                c, stored = 2, r
+        out.append(write_section(tag, c, len(raw), stored))
+        report["sections"][tag.decode()] = dict(coder=CODERS[c], bytes=len(stored) + SECTION.size, symbols=len(raw),
+                                                entropy_bytes=entropy_bytes(values[key]))
+    for tag, b in ((b"CONF", out[0]), (b"TENS", out[1])):
+        report["sections"][tag.decode()] = dict(coder=CODERS[b[4]], bytes=len(b))
+    data = HEAD.pack(MAGIC, FORMAT_VERSION, len(out)) + b"".join(out)
+    report["shares"] = component_shares(qs, values, data, report)
+    return data, report
+
+
+def _plain(raw, coder):
+    c, stored = smallest(raw, "zstd" if coder == "zstd" else None)
+    return c, len(raw), stored
+
+
+def decode_model(data, device="cpu"):
+    """Bytes of a .tnrv file -> (model with the dequantized weights, boundaries)."""
+    sections = read_sections(data)
+    conf = unpack_plain(*sections[b"CONF"], "section CONF")
+    tens = unpack_plain(*sections[b"TENS"], "section TENS")
+    try:
+        T, H, W, K = struct.unpack_from("<IIIH", conf, 0)
+        boundaries = list(struct.unpack_from(f"<{K - 1}I", conf, 14))
+        cfg = tenerv.config_from_dict(json.loads(conf[14 + 4 * (K - 1):].decode()))
+        entries, pos = [], 2
+        (n,) = struct.unpack_from("<H", tens, 0)
+        for _ in range(n):
+            (ln,) = struct.unpack_from("<B", tens, pos)
+            name = tens[pos + 1: pos + 1 + ln].decode()
+            pos += 1 + ln
+            (nd,) = struct.unpack_from("<B", tens, pos)
+            shape = struct.unpack_from(f"<{nd}I", tens, pos + 1)
+            where, ns = struct.unpack_from("<BI", tens, pos + 1 + 4 * nd)
+            pos += 1 + 4 * nd + 5
+            scale = np.frombuffer(tens, "<f2", ns, pos).copy()
+            lo, hi = struct.unpack_from("<bb", tens, pos + 2 * ns)
+            pos += 2 * ns + 2
+            entries.append((name, shape, where, scale, lo + 128, hi + 128))
+    except (struct.error, UnicodeDecodeError, ValueError, TypeError) as e:
+        raise FormatError(f"corrupted: the header sections do not parse ({e.__class__.__name__})") from None
+    if (cfg.n_frames, cfg.height, cfg.width, cfg.gops) != (T, H, W, K):
+        raise FormatError("corrupted: the frame count, size or GoP count disagree with the configuration")
+    streams = {}
+    for key, tag in ((0, b"BIG_"), (1, b"SMAL")):
+        mine = [e for e in entries if e[2] == key]
+        coder, raw_len, stored = sections[tag]
+        sizes = [math.prod(e[1]) for e in mine]
+        if raw_len != sum(sizes):
+            raise FormatError(f"corrupted: section {tag!r} holds {raw_len} values, the tensors need {sum(sizes)}")
+        if coder == 2:
+            sym = RANSCoder(sizes, [(e[4], e[5]) for e in mine]).decode(stored, raw_len)
+        else:
+            sym = np.frombuffer(unpack_plain(coder, raw_len, stored, f"section {tag!r}"), np.uint8)
+        streams[key] = np.split(sym, np.cumsum(sizes)[:-1]) if mine else []
+    model = tenerv.TeNeRV(cfg, stage=1)
+    model.split_gops(boundaries)
+    expected = dict(model.named_parameters())
+    state, index = {}, {0: 0, 1: 0}
+    for name, shape, where, scale, lo, hi in entries:
+        v = streams[where][index[where]]
+        index[where] += 1
+        if name not in expected or tuple(expected[name].shape) != tuple(shape) or len(scale) != n_scales(shape):
+            raise FormatError(f"corrupted: tensor {name} {tuple(shape)} does not fit the model")
+        q = torch.from_numpy(v.astype(np.int16) - 128).to(torch.int8).reshape(shape)
+        state[name] = dequantize(q, torch.from_numpy(scale))
+    if set(state) != set(expected):
+        raise FormatError("corrupted: the file does not hold every tensor of the model")
+    model.load_state_dict(state, strict=False)
+    return model.to(device), boundaries
+
+
+# -----------------------------------------------------------------------------
+# Reports
+
+COMPONENTS = (("grids", ("grids.",)), ("iff", ("iff.",)), ("gop_grids", ("gop_grid",)), ("depthwise", (".dw.",)),
+              ("subpixel", (".subpixel",)), ("pointwise", (".proj.", ".pw1.", ".pw2.")), ("head", ("head.",)))
+
+
+def component_of(name):
+    for comp, keys in COMPONENTS:
+        if any(k in name if k.startswith(".") else name.startswith(k) for k in keys):
+            return comp
+    raise KeyError(name)
+
+
+def component_shares(qs, values, data, report):
+    """Bytes per component: each section's bytes split in proportion to the entropy of its tensors."""
+    shares = {c: 0.0 for c, _ in COMPONENTS}
+    shares["header"] = report["sections"]["CONF"]["bytes"] + report["sections"]["TENS"]["bytes"] + HEAD.size
+    names = {0: [n for n, (q, _) in qs.items() if q.numel() >= SMALL], 1: [n for n, (q, _) in qs.items() if q.numel() < SMALL]}
+    for key, tag in ((0, "BIG_"), (1, "SMAL")):
+        if not values[key]:  # an empty section is only its header
+            shares["header"] += report["sections"][tag]["bytes"]
+        ent = [max(entropy_bytes([v]), 1e-9) for v in values[key]]
+        for name, e in zip(names[key], ent):
+            shares[component_of(name)] += report["sections"][tag]["bytes"] * e / sum(ent)
+    return {k: v / len(data) for k, v in shares.items()}
+
+
+def write_atomic(data, path):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def metrics_against(model, frames, device):
+    p, m, fps, recon = tenerv.evaluate(model, frames, device)
+    return p.mean().item(), m, fps, recon
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def cmd_encode(args):
+    ckpt = os.path.join(args.run, "ckpt.pt")
+    if not os.path.exists(ckpt):
+        raise FileNotFoundError(f"{ckpt}: not found; pass a run folder written by tenerv.py")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    model, saved = tenerv.load_checkpoint(ckpt, device)
+    if model.stage != 2 or saved["state"]["epoch"] < model.cfg.epochs:
+        raise ValueError(f"{args.run}: training is not finished (epoch {saved['state']['epoch']}/{model.cfg.epochs}); "
+                         f"finish it with tenerv.py --resume first")
+    frames_path, size = args.frames, None
+    if frames_path is None:
+        meta = os.path.join(args.run, "metrics.json")
+        if os.path.exists(meta):
+            m = json.load(open(meta))
+            frames_path, size = m.get("frames"), m.get("size")
+    if frames_path is None:
+        raise ValueError(f"{args.run}: the run does not say where its frames are; pass --frames")
+    frames = tenerv.load_frames(frames_path, size)
+    cfg = model.cfg
+    if tuple(frames.shape) != (cfg.n_frames, 3, cfg.height, cfg.width):
+        raise ValueError(f"{frames_path}: {frames.shape[0]} frames of {frames.shape[3]}x{frames.shape[2]}, but the run was "
+                         f"trained on {cfg.n_frames} of {cfg.width}x{cfg.height}")
+    boundaries = saved["state"]["boundaries"]
+    psnr_float = metrics_against(model, frames, device)[0]
+    print(f"float model: PSNR {psnr_float:.2f} dB")
+    torch.manual_seed(cfg.seed)
+    qat(model, frames, args.qat_epochs, device)
+    data, report = encode_model(model.cpu(), boundaries, args.coder)
+    write_atomic(data, args.output)
+    decoded, _ = decode_model(data)
+    p, m, fps, _ = metrics_against(decoded, frames, torch.device("cpu"))
+    T, H, W = cfg.n_frames, cfg.height, cfg.width
+    result = dict(bytes=len(data), bpp=8 * len(data) / (T * H * W), psnr=p, msssim=m, psnr_float=psnr_float,
+                  qat_epochs=args.qat_epochs, coder=args.coder, sections=report["sections"], shares=report["shares"],
+                  msssim_scales=tenerv.msssim_scales(H, W))
+    for tag, s in report["sections"].items():
+        print(f"section {tag}: {s['bytes']} bytes, coder {s['coder']}")
+    print("bytes per component: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in report["shares"].items()))
+    print(f"{args.output}: {len(data)} bytes, {result['bpp']:.4f} bpp, PSNR {p:.2f} dB (float {psnr_float:.2f} dB), MS-SSIM {m:.4f}")
+    json_path = args.json or os.path.splitext(args.output)[0] + ".json"
+    tenerv.write_json_atomic(result, json_path)
+
+
+def cmd_decode(args):
+    if not os.path.exists(args.file):
+        raise FileNotFoundError(f"{args.file}: no such file")
+    with open(args.file, "rb") as f:
+        data = f.read()
+    model, _ = decode_model(data)
+    device = torch.device("cpu")
+    recon, fps = tenerv.reconstruct(model, device)
+    tenerv.save_frames(recon, args.out)
+    cfg = model.cfg
+    print(f"decoded {cfg.n_frames} frames of {cfg.width}x{cfg.height} to {args.out} at {fps:.1f} frames/s")
+    if args.frames:
+        frames = tenerv.load_frames(args.frames, args.size)
+        if tuple(frames.shape) != tuple(recon.shape):
+            raise ValueError(f"{args.frames}: {tuple(frames.shape)} frames do not match the decoded {tuple(recon.shape)}")
+        p, m, _, _ = metrics_against(model, frames, device)
+        print(f"PSNR {p:.2f} dB  MS-SSIM {m:.4f}  against {args.frames}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Compress a TeNeRV run to a .tnrv file, or decode one.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("encode", help="8-bit QAT, then write the bitstream")
+    e.add_argument("run", help="run folder written by tenerv.py")
+    e.add_argument("-o", "--output", required=True, help="the .tnrv file to write")
+    e.add_argument("--qat-epochs", type=int, default=30, help="epochs of quantization-aware training (Sec. IV-D: 30)")
+    e.add_argument("--coder", default="auto", choices=("auto", "zstd"), help="auto: rANS or zstd per section, whichever is smaller")
+    e.add_argument("--frames", default=None, help="the original frames (default: the run's)")
+    e.add_argument("--json", default=None, help="where to write the report (default: next to the output)")
+    e.add_argument("--device", default="auto", choices=("auto", "cpu"), help="where to run QAT")
+    d = sub.add_parser("decode", help="rebuild the frames from a .tnrv file")
+    d.add_argument("file", help="a .tnrv file")
+    d.add_argument("--out", required=True, help="folder for the PNG frames")
+    d.add_argument("--frames", default=None, help="original frames: also report PSNR and MS-SSIM")
+    d.add_argument("--size", default=None, help="WxH when --frames is a .yuv file")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "encode":
+            if args.qat_epochs < 0:
+                raise ValueError(f"--qat-epochs {args.qat_epochs}: must be 0 or more")
+            cmd_encode(args)
+        else:
+            cmd_decode(args)
+    except (ValueError, FileNotFoundError) as e:  # FormatError is a ValueError
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
