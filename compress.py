@@ -369,13 +369,19 @@ def encode_model(model, boundaries, coder="auto"):
     for tag, key in ((b"BIG_", 0), (b"SMAL", 1)):
         raw = np.concatenate(values[key]).tobytes() if values[key] else b""
         c, stored = smallest(raw, "zstd" if coder == "zstd" else None)
+        info = dict(symbols=len(raw), entropy_bytes=entropy_bytes(values[key]), zstd_or_raw_bytes=len(stored))
         if coder != "zstd" and values[key]:
+            t0 = time.perf_counter()
             r = rans_encode(values[key])
+            t1 = time.perf_counter()
+            RANSCoder([len(v) for v in values[key]], [symbol_range(v) for v in values[key]]).decode(r, len(raw))
+            t2 = time.perf_counter()
+            info.update(rans_bytes=len(r), rans_encode_msym_s=len(raw) / (t1 - t0) / 1e6,
+                        rans_decode_msym_s=len(raw) / (t2 - t1) / 1e6)
             if len(r) < len(stored):
                 c, stored = 2, r
         out.append(write_section(tag, c, len(raw), stored))
-        report["sections"][tag.decode()] = dict(coder=CODERS[c], bytes=len(stored) + SECTION.size, symbols=len(raw),
-                                                entropy_bytes=entropy_bytes(values[key]))
+        report["sections"][tag.decode()] = dict(coder=CODERS[c], bytes=len(stored) + SECTION.size, **info)
     for tag, b in ((b"CONF", out[0]), (b"TENS", out[1])):
         report["sections"][tag.decode()] = dict(coder=CODERS[b[4]], bytes=len(b))
     data = HEAD.pack(MAGIC, FORMAT_VERSION, len(out)) + b"".join(out)
@@ -523,7 +529,10 @@ def cmd_encode(args):
                   qat_epochs=args.qat_epochs, coder=args.coder, sections=report["sections"], shares=report["shares"],
                   msssim_scales=tenerv.msssim_scales(H, W))
     for tag, s in report["sections"].items():
-        print(f"section {tag}: {s['bytes']} bytes, coder {s['coder']}")
+        extra = (f" ({s['symbols']} symbols, entropy {s['entropy_bytes']:.0f} B, rANS {s['rans_bytes']} B at "
+                 f"{s['rans_encode_msym_s']:.1f}/{s['rans_decode_msym_s']:.1f} Msym/s enc/dec, zstd or raw "
+                 f"{s['zstd_or_raw_bytes']} B)") if "rans_bytes" in s else ""
+        print(f"section {tag}: {s['bytes']} bytes, coder {s['coder']}{extra}")
     print("bytes per component: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in report["shares"].items()))
     print(f"{args.output}: {len(data)} bytes, {result['bpp']:.4f} bpp, PSNR {p:.2f} dB (float {psnr_float:.2f} dB), MS-SSIM {m:.4f}")
     json_path = args.json or os.path.splitext(args.output)[0] + ".json"
