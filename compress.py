@@ -42,7 +42,7 @@ import struct
 import sys
 import time
 import zlib
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import numpy as np
 import torch
