@@ -493,23 +493,24 @@ def metrics_against(model, frames, device):
 # -----------------------------------------------------------------------------
 # Command line
 
-def cmd_encode(args):
-    ckpt = os.path.join(args.run, "ckpt.pt")
+def encode_run(run, output, qat_epochs=30, coder="auto", frames_path=None, size=None, json_path=None,
+               device="auto", log=print):
+    """QAT of a finished tenerv.py run, then the .tnrv file; returns (and writes to JSON) the report."""
+    ckpt = os.path.join(run, "ckpt.pt")
     if not os.path.exists(ckpt):
         raise FileNotFoundError(f"{ckpt}: not found; pass a run folder written by tenerv.py")
-    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and device != "cpu" else "cpu")
     model, saved = tenerv.load_checkpoint(ckpt, device)
     if model.stage != 2 or saved["state"]["epoch"] < model.cfg.epochs:
-        raise ValueError(f"{args.run}: training is not finished (epoch {saved['state']['epoch']}/{model.cfg.epochs}); "
+        raise ValueError(f"{run}: training is not finished (epoch {saved['state']['epoch']}/{model.cfg.epochs}); "
                          f"finish it with tenerv.py --resume first")
-    frames_path, size = args.frames, None
     if frames_path is None:
-        meta = os.path.join(args.run, "metrics.json")
+        meta = os.path.join(run, "metrics.json")
         if os.path.exists(meta):
             m = json.load(open(meta))
             frames_path, size = m.get("frames"), m.get("size")
     if frames_path is None:
-        raise ValueError(f"{args.run}: the run does not say where its frames are; pass --frames")
+        raise ValueError(f"{run}: the run does not say where its frames are; pass --frames")
     frames = tenerv.load_frames(frames_path, size)
     cfg = model.cfg
     if tuple(frames.shape) != (cfg.n_frames, 3, cfg.height, cfg.width):
@@ -517,36 +518,45 @@ def cmd_encode(args):
                          f"trained on {cfg.n_frames} of {cfg.width}x{cfg.height}")
     boundaries = saved["state"]["boundaries"]
     psnr_float = metrics_against(model, frames, device)[0]
-    print(f"float model: PSNR {psnr_float:.2f} dB")
+    log(f"float model: PSNR {psnr_float:.2f} dB")
     torch.manual_seed(cfg.seed)
-    qat(model, frames, args.qat_epochs, device)
-    data, report = encode_model(model.cpu(), boundaries, args.coder)
-    write_atomic(data, args.output)
+    qat(model, frames, qat_epochs, device, log=log)
+    data, report = encode_model(model.cpu(), boundaries, coder)
+    write_atomic(data, output)
     decoded, _ = decode_model(data)
     p, m, fps, _ = metrics_against(decoded, frames, torch.device("cpu"))
     T, H, W = cfg.n_frames, cfg.height, cfg.width
     result = dict(bytes=len(data), bpp=8 * len(data) / (T * H * W), psnr=p, msssim=m, psnr_float=psnr_float,
-                  qat_epochs=args.qat_epochs, coder=args.coder, sections=report["sections"], shares=report["shares"],
+                  qat_epochs=qat_epochs, coder=coder, sections=report["sections"], shares=report["shares"],
                   msssim_scales=tenerv.msssim_scales(H, W))
     for tag, s in report["sections"].items():
         extra = (f" ({s['symbols']} symbols, entropy {s['entropy_bytes']:.0f} B, rANS {s['rans_bytes']} B at "
                  f"{s['rans_encode_msym_s']:.1f}/{s['rans_decode_msym_s']:.1f} Msym/s enc/dec, zstd or raw "
                  f"{s['zstd_or_raw_bytes']} B)") if "rans_bytes" in s else ""
-        print(f"section {tag}: {s['bytes']} bytes, coder {s['coder']}{extra}")
-    print("bytes per component: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in report["shares"].items()))
-    print(f"{args.output}: {len(data)} bytes, {result['bpp']:.4f} bpp, PSNR {p:.2f} dB (float {psnr_float:.2f} dB), MS-SSIM {m:.4f}")
-    json_path = args.json or os.path.splitext(args.output)[0] + ".json"
-    tenerv.write_json_atomic(result, json_path)
+        log(f"section {tag}: {s['bytes']} bytes, coder {s['coder']}{extra}")
+    log("bytes per component: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in report["shares"].items()))
+    log(f"{output}: {len(data)} bytes, {result['bpp']:.4f} bpp, PSNR {p:.2f} dB (float {psnr_float:.2f} dB), MS-SSIM {m:.4f}")
+    tenerv.write_json_atomic(result, json_path or os.path.splitext(output)[0] + ".json")
+    return result
+
+
+def decode_file(path):
+    """A .tnrv file -> (model, frames (T, 3, H, W) in [0, 1], decoding frames/s), on the CPU."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        data = f.read()
+    model, _ = decode_model(data)
+    recon, fps = tenerv.reconstruct(model, torch.device("cpu"))
+    return model, recon, fps
+
+
+def cmd_encode(args):
+    encode_run(args.run, args.output, args.qat_epochs, args.coder, args.frames, None, args.json, args.device)
 
 
 def cmd_decode(args):
-    if not os.path.exists(args.file):
-        raise FileNotFoundError(f"{args.file}: no such file")
-    with open(args.file, "rb") as f:
-        data = f.read()
-    model, _ = decode_model(data)
-    device = torch.device("cpu")
-    recon, fps = tenerv.reconstruct(model, device)
+    model, recon, fps = decode_file(args.file)
     tenerv.save_frames(recon, args.out)
     cfg = model.cfg
     print(f"decoded {cfg.n_frames} frames of {cfg.width}x{cfg.height} to {args.out} at {fps:.1f} frames/s")

@@ -145,18 +145,26 @@ def load_yuv420(path, size=None):
         raise ValueError(f"{path}: {n_bytes} bytes is not a whole number of {W}x{H} YUV 4:2:0 frames "
                          f"({frame_bytes} bytes each); check --size")
     raw = np.fromfile(path, dtype=np.uint8).reshape(-1, frame_bytes)
-    y = raw[:, : W * H].reshape(-1, H, W).astype(np.float32)
-    u = raw[:, W * H: W * H * 5 // 4].reshape(-1, H // 2, W // 2).astype(np.float32)
-    v = raw[:, W * H * 5 // 4:].reshape(-1, H // 2, W // 2).astype(np.float32)
-    u = u.repeat(2, axis=1).repeat(2, axis=2)  # not in the paper: nearest chroma upsampling
-    v = v.repeat(2, axis=1).repeat(2, axis=2)
+    y = raw[:, : W * H].reshape(-1, H, W)
+    u = raw[:, W * H: W * H * 5 // 4].reshape(-1, H // 2, W // 2)
+    v = raw[:, W * H * 5 // 4:].reshape(-1, H // 2, W // 2)
+    return torch.from_numpy(yuv420_to_rgb(y, u, v))
+
+
+def yuv420_to_rgb(y, u, v):
+    """uint8 planes Y (T, H, W), U, V (T, H/2, W/2), BT.709 limited range -> uint8 RGB (T, 3, H, W).
+    U, V of the full size (4:4:4) are taken as they are."""
+    f = 1 if u.shape == y.shape else 2
+    y = y.astype(np.float32)
+    u = u.astype(np.float32).repeat(f, axis=1).repeat(f, axis=2)  # not in the paper: nearest chroma upsampling
+    v = v.astype(np.float32).repeat(f, axis=1).repeat(f, axis=2)
     # BT.709 limited range: Y in [16, 235], Cb/Cr in [16, 240]
     y, u, v = (y - 16) / 219, (u - 128) / 224, (v - 128) / 224
     r = y + 1.5748 * v
     g = y - 0.1873 * u - 0.4681 * v
     b = y + 1.8556 * u
     rgb = np.stack([r, g, b], axis=1)
-    return torch.from_numpy(np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8))
+    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
 
 
 # -----------------------------------------------------------------------------
@@ -860,20 +868,27 @@ def run(args):
     name = os.path.basename(os.path.normpath(args.frames)).split(".")[0]
     out = args.out or os.path.join("runs", f"{name}_{args.params}{'_' + args.ablation if args.ablation else ''}")
     print(f"run folder: {out}  device: {device}")
-    model, state = train(cfg, frames, out, device, resume=args.resume)
+    metrics = fit(cfg, frames, out, device, frames_path=args.frames, size=args.size, resume=args.resume,
+                  save=args.save_frames)
+    print(f"PSNR {metrics['psnr']:.2f} dB  MS-SSIM {metrics['msssim']:.4f}  params {metrics['params']}  "
+          f"{metrics['seconds_per_epoch']:.1f} s/epoch  decode {metrics['decode_fps']:.1f} frames/s  -> {out}/metrics.json")
+
+
+def fit(cfg, frames, out, device, frames_path=None, size=None, resume=False, save=False, log=print):
+    """Train, evaluate, write out/metrics.json (and out/frames/ if save); returns the metrics."""
+    T, _, H, W = frames.shape
+    model, state = train(cfg, frames, out, device, resume=resume, log=log)
     p, m, fps, recon = evaluate(model, frames, device)
-    metrics = dict(params=n_params, psnr=p.mean().item(), psnr_per_frame=p.tolist(), msssim=m,
+    metrics = dict(params=count_params(cfg), psnr=p.mean().item(), psnr_per_frame=p.tolist(), msssim=m,
                    msssim_scales=msssim_scales(H, W), gop_boundaries=state["boundaries"],
                    divergence=state["divergence"], epochs=state["epoch"], train_seconds=state["train_seconds"],
                    seconds_per_epoch=state["train_seconds"] / max(1, len(state["history"])),
                    decode_fps=fps, device=str(device), history=state["history"], config=asdict(cfg),
-                   frames=os.path.abspath(args.frames), size=args.size)
+                   frames=frames_path and os.path.abspath(frames_path), size=size)
     write_json_atomic(metrics, os.path.join(out, "metrics.json"))
-    if args.save_frames:
+    if save:
         save_frames(recon, os.path.join(out, "frames"))
-    print(f"PSNR {metrics['psnr']:.2f} dB  MS-SSIM {m:.4f}  params {n_params}  "
-          f"{metrics['seconds_per_epoch']:.1f} s/epoch  decode {fps:.1f} frames/s  -> {out}/metrics.json")
-
+    return metrics
 
 if __name__ == "__main__":
     main()
