@@ -536,8 +536,8 @@ def size_model(cfg):
     S = math.prod(strides)
     if S > min(H, W):
         raise ValueError(f"--strides {','.join(map(str, strides))}: total stride {S} exceeds the {W}x{H} frame")
-    K, L_min = default_gops(T)
-    K, L_min = cfg.gops or K, cfg.min_gop or L_min
+    K = cfg.gops or default_gops(T)[0]
+    L_min = cfg.min_gop or max(1, T // (2 * K))  # half the mean GoP length of the K chosen
     if cfg.ablation == "V5":  # not in the paper: V5's count is one GoP per 32 frames, as a codec's intra period
         K, L_min = math.ceil(T / 32), 1
     check_gops(T, K, L_min)

@@ -218,6 +218,11 @@ def test_algorithm1_edge_cases():
 def test_gop_index_and_equal_gops():
     assert tenerv.gop_index([2, 5], 7).tolist() == [0, 0, 1, 1, 1, 2, 2]
     assert tenerv.equal_gops(64, 4) == [16, 32, 48]
+    # defaults: K = T/16 in [1, 8], L_min = T/(2K) of the K in use, also when only K is given
+    base = dict(n_frames=16, height=24, width=40, params=6000, strides=(2, 2))
+    assert (lambda c: (c.gops, c.min_gop))(tenerv.size_model(TeNeRVConfig(**base))) == (1, 8)
+    assert (lambda c: (c.gops, c.min_gop))(tenerv.size_model(TeNeRVConfig(**base, gops=2))) == (2, 4)
+    assert (lambda c: (c.gops, c.min_gop))(tenerv.size_model(TeNeRVConfig(**base, gops=2, min_gop=3))) == (2, 3)
 
 
 # --- parameter budget -------------------------------------------------------------------------
