@@ -214,9 +214,9 @@ class RANSCoder:
         for f, c in reversed(per_block):  # rANS encodes backwards
             for i in range(len(f) - 1, -1, -1):
                 fi = f[i]
-                emit = (x >> 16) >= fi            # x >= f * 2^16 would overflow 32 bits for the pad
-                chunks.append(x[emit].astype(np.uint16))  # the low 16 bits
-                x = np.where(emit, x >> 16, x)
+                emit = np.flatnonzero((x >> 16) >= fi)  # x >= f * 2^16 would overflow 32 bits for the pad
+                chunks.append(x.take(emit).astype(np.uint16))  # the low 16 bits
+                x[emit] >>= 16
                 q, r = np.divmod(x, fi)
                 x = (q << 16) + r + c[i]
         words = np.concatenate(chunks[::-1]) if chunks else np.zeros(0, np.uint16)
@@ -234,19 +234,20 @@ class RANSCoder:
         symbols = np.tile(np.arange(256, dtype=np.uint8), self.n_ctx + 1)
         for ctx, src in self._layout():
             freq, cum = self.tables(counts)
-            inv = np.repeat(symbols, freq.ravel()).reshape(self.n_ctx + 1, self.M)  # slot -> symbol
-            ctx_steps = ctx.reshape(-1, L)
+            inv = np.repeat(symbols, freq.ravel())  # slot of context j -> symbol, at j * M + slot
+            freq, cum = freq.ravel(), cum.ravel()
+            ctx_steps = ctx.reshape(-1, L).astype(np.int64)
             decoded = np.zeros(ctx_steps.shape, np.uint8)
-            for i, cj in enumerate(ctx_steps):
+            for i, cj in enumerate(ctx_steps):  # flat 1-D takes: cheaper than 2-D fancy indexing
                 slot = x & 0xFFFF
-                s = inv[cj, slot]
-                x = freq[cj, s] * (x >> 16) + slot - cum[cj, s]
-                need = x < self.L_STATE
-                n_need = int(np.count_nonzero(need))
-                if pos + n_need > len(words):
+                s = inv.take(cj * self.M + slot)
+                k = cj * 256 + s
+                x = freq.take(k) * (x >> 16) + slot - cum.take(k)
+                need = np.flatnonzero(x < self.L_STATE)
+                if pos + len(need) > len(words):
                     raise FormatError("rANS stream is truncated")
-                x[need] = (x[need] << 16) | words[pos: pos + n_need]
-                pos += n_need
+                x[need] = (x.take(need) << 16) | words[pos: pos + len(need)]
+                pos += len(need)
                 decoded[i] = s
             vals = decoded.ravel()[: len(src)]
             out[src] = vals
