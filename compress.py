@@ -455,7 +455,7 @@ def decode_model(data, device="cpu"):
 # Reports
 
 COMPONENTS = (("grids", ("grids.",)), ("iff", ("iff.",)), ("gop_grids", ("gop_grid",)), ("depthwise", (".dw.",)),
-              ("subpixel", (".subpixel",)), ("pointwise", (".proj.", ".pw1.", ".pw2.")), ("head", ("head.",)))
+              ("norm", (".norm.",)), ("pointwise", (".proj.", ".pw1.", ".pw2.")), ("head", ("head.",)))
 
 
 def component_of(name):
