@@ -413,8 +413,8 @@ class TeNeRVBlock(nn.Module):
     The upsampling is NeRV/HNeRV's conv + PixelShuffle with a 1x1 kernel (a stride-s, kernel-s
     transposed conv): each of the s x s sub-pixels of a cell gets its own projection of the cell's
     features, run at the low resolution. Not in the paper; it replaced bilinear upsampling plus a
-    learned (C, s, s) sub-pixel code (measured: +0.9 dB at 10 epochs at the same parameter count,
-    and faster on the CPU).
+    learned (C, s, s) sub-pixel code (measured at 10 epochs, same parameter count: +1.3 dB alone,
+    +0.9 dB on top of the LayerNorm, and faster on the CPU).
     """
 
     def __init__(self, dim_in, dim_out, stride, kernel, dim_hidden, depth=1, n_gops=1):
