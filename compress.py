@@ -237,11 +237,12 @@ class RANSCoder:
             inv = np.repeat(symbols, freq.ravel())  # slot of context j -> symbol, at j * M + slot
             freq, cum = freq.ravel(), cum.ravel()
             ctx_steps = ctx.reshape(-1, L).astype(np.int64)
+            row_inv, row_sym = ctx_steps * self.M, ctx_steps * 256  # row offsets, once per block
             decoded = np.zeros(ctx_steps.shape, np.uint8)
-            for i, cj in enumerate(ctx_steps):  # flat 1-D takes: cheaper than 2-D fancy indexing
+            for i in range(len(ctx_steps)):  # flat 1-D takes: cheaper than 2-D fancy indexing
                 slot = x & 0xFFFF
-                s = inv.take(cj * self.M + slot)
-                k = cj * 256 + s
+                s = inv.take(row_inv[i] + slot)
+                k = row_sym[i] + s
                 x = freq.take(k) * (x >> 16) + slot - cum.take(k)
                 need = np.flatnonzero(x < self.L_STATE)
                 if pos + len(need) > len(words):

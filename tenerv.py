@@ -266,9 +266,8 @@ def divergence(X_tem):
 
 
 def default_gops(n_frames):
-    """not in the paper: K = T/16 rounded, between 1 and 8; L_min = half the mean GoP length."""
-    K = min(8, max(1, round(n_frames / 16)))
-    return K, max(1, n_frames // (2 * K))
+    """not in the paper: K = T/16 rounded, between 1 and 8 (L_min defaults to T/(2K), see size_model)."""
+    return min(8, max(1, round(n_frames / 16)))
 
 
 def check_gops(n_frames, K, L_min):
@@ -551,7 +550,7 @@ def size_model(cfg):
     S = math.prod(strides)
     if S > min(H, W):
         raise ValueError(f"--strides {','.join(map(str, strides))}: total stride {S} exceeds the {W}x{H} frame")
-    K = cfg.gops or default_gops(T)[0]
+    K = cfg.gops or default_gops(T)
     L_min = cfg.min_gop or max(1, T // (2 * K))  # half the mean GoP length of the K chosen
     if cfg.ablation == "V5":  # not in the paper: V5's count is one GoP per 32 frames, as a codec's intra period
         K, L_min = math.ceil(T / 32), 1
