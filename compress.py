@@ -231,26 +231,28 @@ class RANSCoder:
         pos = 0
         out = np.zeros(n_symbols, np.uint8)
         counts = np.zeros((self.n_ctx, 256))
-        symbols = np.tile(np.arange(256, dtype=np.uint8), self.n_ctx + 1)
+        # k = context * 256 + symbol indexes the flat tables; the inverse table maps
+        # context * M + slot -> k, so one take finds both symbol and table row
+        k_type = np.uint16 if (self.n_ctx + 1) * 256 <= 1 << 16 else np.uint32
+        keys = np.arange((self.n_ctx + 1) * 256, dtype=k_type)
         for ctx, src in self._layout():
             freq, cum = self.tables(counts)
-            inv = np.repeat(symbols, freq.ravel())  # slot of context j -> symbol, at j * M + slot
+            inv = np.repeat(keys, freq.ravel())
             freq, cum = freq.ravel(), cum.ravel()
-            ctx_steps = ctx.reshape(-1, L).astype(np.int64)
-            row_inv, row_sym = ctx_steps * self.M, ctx_steps * 256  # row offsets, once per block
-            decoded = np.zeros(ctx_steps.shape, np.uint8)
+            ctx_steps = ctx.reshape(-1, L)
+            row_inv = ctx_steps.astype(np.int64) * self.M  # row offsets, once per block
+            decoded = np.zeros(ctx_steps.shape, k_type)
             for i in range(len(ctx_steps)):  # flat 1-D takes: cheaper than 2-D fancy indexing
                 slot = x & 0xFFFF
-                s = inv.take(row_inv[i] + slot)
-                k = row_sym[i] + s
+                k = inv.take(row_inv[i] + slot)
                 x = freq.take(k) * (x >> 16) + slot - cum.take(k)
                 need = np.flatnonzero(x < self.L_STATE)
                 if pos + len(need) > len(words):
                     raise FormatError("rANS stream is truncated")
                 x[need] = (x.take(need) << 16) | words[pos: pos + len(need)]
                 pos += len(need)
-                decoded[i] = s
-            vals = decoded.ravel()[: len(src)]
+                decoded[i] = k
+            vals = (decoded.ravel()[: len(src)] & 0xFF).astype(np.uint8)
             out[src] = vals
             self._count(counts, ctx[: len(src)], vals.astype(np.int64))
         if pos != len(words) or not np.all(x == self.L_STATE):
