@@ -574,6 +574,41 @@ def cmd_decode(args):
         print(f"PSNR {p:.2f} dB  MS-SSIM {m:.4f}  against {args.frames}")
 
 
+def synthetic_weights(seed=2):
+    """1.2M int8-like symbols: 34 Laplacian tensors of varied size and spread (a coder benchmark)."""
+    rng = np.random.default_rng(seed)
+    lap = lambda n, s: (np.clip(np.round(rng.laplace(0, s, n)), -127, 127) + 128).astype(np.uint8)
+    return ([lap(n, s) for n, s in [(600_000, 8), (300_000, 4), (200_000, 12), (50_000, 20)]]
+            + [lap(int(rng.integers(50, 4000)), float(rng.uniform(1, 20))) for _ in range(30)])
+
+
+def cmd_bench(args):
+    """Coder size against the summed zeroth-order entropy, and speed (best of --repeats)."""
+    with open(args.file, "rb") as f:
+        model, _ = decode_model(f.read())
+    real = [(q.reshape(-1).numpy().astype(np.int16) + 128).astype(np.uint8)
+            for q, _ in quantized_state(model).values() if q.numel() >= SMALL]
+    for name, values in ((f"{args.file} (tensors of >= {SMALL} values)", real), ("synthetic", synthetic_weights())):
+        n = sum(len(v) for v in values)
+        if n == 0:
+            print(f"{name}: no symbols")
+            continue
+        coder = RANSCoder([len(v) for v in values], [symbol_range(v) for v in values])
+        t_enc = t_dec = float("inf")
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            data = coder.encode(np.concatenate(values))
+            t1 = time.perf_counter()
+            out = coder.decode(data, n)
+            t_enc, t_dec = min(t_enc, t1 - t0), min(t_dec, time.perf_counter() - t1)
+        assert np.array_equal(out, np.concatenate(values))
+        ent = entropy_bytes(values)
+        z = len(zstandard.ZstdCompressor(level=19).compress(np.concatenate(values).tobytes()))
+        print(f"{name}: {n} symbols, {len(values)} tensors, {coder.lanes} lanes | rANS {len(data)} B "
+              f"({100 * (len(data) / ent - 1):+.2f}% vs entropy {ent:.0f} B), zstd -19 {z} B ({100 * (z / ent - 1):+.2f}%) | "
+              f"encode {n / t_enc / 1e6:.1f} Msym/s, decode {n / t_dec / 1e6:.1f} Msym/s (best of {args.repeats})")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Compress a TeNeRV run to a .tnrv file, or decode one.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -590,9 +625,16 @@ def main(argv=None):
     d.add_argument("--out", required=True, help="folder for the PNG frames")
     d.add_argument("--frames", default=None, help="original frames: also report PSNR and MS-SSIM")
     d.add_argument("--size", default=None, help="WxH when --frames is a .yuv file")
+    b = sub.add_parser("bench", help="time the built-in coder on a file's weights and on synthetic ones")
+    b.add_argument("file", help="a .tnrv file")
+    b.add_argument("--repeats", type=int, default=5, help="timing runs; the best counts")
     args = p.parse_args(argv)
     try:
-        if args.cmd == "encode":
+        if args.cmd == "bench":
+            if not os.path.exists(args.file):
+                raise FileNotFoundError(f"{args.file}: no such file")
+            cmd_bench(args)
+        elif args.cmd == "encode":
             if args.qat_epochs < 0:
                 raise ValueError(f"--qat-epochs {args.qat_epochs}: must be 0 or more")
             cmd_encode(args)

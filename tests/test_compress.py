@@ -43,10 +43,8 @@ def test_rans_roundtrips():
 
 
 def test_rans_size_within_one_percent_of_entropy():
-    rng = np.random.default_rng(2)
-    # int8-weight-like: a few large peaked tensors and many small ones, 1.2M symbols
-    values = [laplace(rng, n, s) for n, s in [(600_000, 8), (300_000, 4), (200_000, 12), (50_000, 20)]]
-    values += [laplace(rng, int(rng.integers(50, 4000)), float(rng.uniform(1, 20))) for _ in range(30)]
+    values = compress.synthetic_weights()  # int8-weight-like: 4 large peaked tensors, 30 small, 1.2M symbols
+    assert sum(len(v) for v in values) >= 1_000_000
     data = roundtrip(values)
     entropy = compress.entropy_bytes(values)
     assert len(data) <= 1.01 * entropy, len(data) / entropy
@@ -161,6 +159,9 @@ def test_cli_encode_decode(trained, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "frames/s" in text and "PSNR" in text
     assert len(os.listdir(tmp_path / "dec")) == 8
+    compress.main(["bench", out, "--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("synthetic: 1202554 symbols") and "decode" in lines[-1] and "Msym/s" in lines[-1]
 
 
 def test_cli_errors_are_one_line_and_keep_existing_files(trained, tmp_path):
@@ -170,6 +171,7 @@ def test_cli_errors_are_one_line_and_keep_existing_files(trained, tmp_path):
     for argv, expect in [
         (["decode", str(existing), "--out", str(tmp_path / "d")], "not a TeNeRV file"),
         (["decode", str(tmp_path / "missing.tnrv"), "--out", str(tmp_path / "d")], "no such file"),
+        (["bench", str(tmp_path / "missing.tnrv")], "no such file"),
         (["encode", str(tmp_path), "-o", str(existing)], "ckpt.pt: not found"),
         (["encode", str(run), "-o", str(existing), "--frames", str(tmp_path / "nope")], "no such file or folder"),
     ]:
