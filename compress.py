@@ -568,10 +568,8 @@ def cmd_decode(args):
         frames = tenerv.load_frames(args.frames, args.size)
         if tuple(frames.shape) != tuple(recon.shape):
             raise ValueError(f"{args.frames}: {tuple(frames.shape)} frames do not match the decoded {tuple(recon.shape)}")
-        f = frames.float() / 255  # reuse the reconstruction: no second forward pass
-        p = tenerv.psnr(recon, f).mean().item()
-        m = torch.cat([tenerv.msssim(r, x) for r, x in zip(recon.split(8), f.split(8))]).mean().item()
-        print(f"PSNR {p:.2f} dB  MS-SSIM {m:.4f}  against {args.frames}")
+        p, m = tenerv.quality(recon, frames)  # the reconstruction again: no second forward pass
+        print(f"PSNR {p.mean().item():.2f} dB  MS-SSIM {m:.4f}  against {args.frames}")
 
 
 def synthetic_weights(seed=2):

@@ -682,15 +682,21 @@ def reconstruct(model, device, batch_size=4):
     return torch.cat(out), fps
 
 
+def quality(recon, frames, batch=8):
+    """PSNR per frame (T,) and mean MS-SSIM of frames in [0, 1] against uint8 (or [0, 1]) frames,
+    a batch of frames at a time (the originals move to recon's device one batch at a time)."""
+    p, m = [], []
+    for r, f in zip(recon.split(batch), frames.split(batch)):
+        f = f.to(r.device).float() / (1 if f.is_floating_point() else 255)
+        p.append(psnr(r, f))
+        m.append(msssim(r, f))
+    return torch.cat(p).cpu(), torch.cat(m).mean().item()
+
+
 def evaluate(model, frames, device):
     """PSNR per frame, mean MS-SSIM and decode speed of the model against uint8 frames."""
     recon, fps = reconstruct(model, device)
-    p, m = [], []
-    for r, f in zip(recon.split(8), frames.split(8)):
-        f = f.to(device).float() / 255
-        p.append(psnr(r, f))
-        m.append(msssim(r, f))
-    return torch.cat(p).cpu(), torch.cat(m).mean().item(), fps, recon
+    return *quality(recon, frames), fps, recon
 
 
 class Progress:
