@@ -47,7 +47,7 @@ class TeNeRVConfig:
     base_w: int = 0              # grid width (derived)
     grid_stride: int = 1         # frames per cell of the finest grid level
     grid_levels: int = 3         # temporal resolutions T+l-1, /2, /4 (FFNeRV-style, Eq. 1)
-    grid_share: float = 0.55     # not in the paper: fraction of the budget given to the base grids
+    grid_share: float = 0.4      # not in the paper: fraction of the budget given to the base grids
     grid_channels: tuple = ()    # channels of each grid level (derived: grid_share split evenly over levels)
     dim: int = 0                 # C_0, channels at grid resolution (derived from the budget)
     dim_hidden0: int = 0         # hidden width of the first block's pointwise MLP (derived, fine knob)
@@ -266,7 +266,8 @@ def divergence(X_tem):
 
 
 def default_gops(n_frames):
-    """not in the paper: K = T/16 rounded, between 1 and 8 (L_min defaults to T/(2K), see size_model)."""
+    """not in the paper: K = T/16 rounded, between 1 and 8, before the budget cap of gops_for_budget
+    (L_min defaults to T/(2K), see size_model)."""
     return min(8, max(1, round(n_frames / 16)))
 
 
@@ -532,6 +533,22 @@ def choose_strides(H, W):
     return best[1]
 
 
+GOP_SHARE = 0.05            # not in the paper: the K - 1 extra GoP copies take at most ~5% of the budget
+
+
+def gops_for_budget(cfg):
+    """not in the paper: the default K. One GoP per 16 frames (default_gops), but each GoP past the
+    first costs a GoP-level grid and a set of depthwise kernels, which at small budgets and short
+    clips is a large share (0.3M, 64 frames of 320x180: 3.6% per GoP) taken from the shared
+    network; measured there, 4 GoPs lost 0.4 dB to 2. So K is also capped so that the K - 1
+    extra copies take at most GOP_SHARE of the budget. Computed on the full model, so that the
+    ablations V1-V4 use the same K."""
+    K0 = default_gops(cfg.n_frames)
+    full = size_model(replace(cfg, gops=K0, min_gop=0, ablation=""))
+    per_gop = count_params(replace(full, gops=K0 + 1)) - count_params(full)
+    return max(1, min(K0, 1 + int(GOP_SHARE * cfg.params / per_gop)))
+
+
 def count_params(cfg):
     with torch.device("meta"):
         return sum(p.numel() for p in TeNeRV(cfg, stage=2).parameters())
@@ -550,6 +567,8 @@ def size_model(cfg):
     S = math.prod(strides)
     if S > min(H, W):
         raise ValueError(f"--strides {','.join(map(str, strides))}: total stride {S} exceeds the {W}x{H} frame")
+    if not cfg.gops and cfg.ablation != "V5":
+        cfg = replace(cfg, gops=gops_for_budget(cfg))
     K = cfg.gops or default_gops(T)
     L_min = cfg.min_gop or max(1, T // (2 * K))  # half the mean GoP length of the K chosen
     if cfg.ablation == "V5":  # not in the paper: V5's count is one GoP per 32 frames, as a codec's intra period
@@ -836,7 +855,7 @@ def make_parser():
     p.add_argument("--size", default=None, help="WxH of a .yuv file (else read from a _WxH in its name)")
     p.add_argument("--params", default="0.3M", help="parameters of the final model, e.g. 3M, 0.3M, 300K")
     p.add_argument("--epochs", type=int, default=d.epochs, help="total epochs of both stages")
-    p.add_argument("--gops", type=int, default=d.gops, help="K, number of GoPs (0 = T/16, at most 8)")
+    p.add_argument("--gops", type=int, default=d.gops, help="K, number of GoPs (0 = T/16, at most 8, fewer if the copies would take > 5%% of --params)")
     p.add_argument("--min-gop", type=int, default=d.min_gop, help="L_min of Algorithm 1, frames (0 = T/(2K))")
     p.add_argument("--window", type=int, default=d.window, help="l, IFF window, frames (Eq. 2)")
     p.add_argument("--strides", default="", help="upsampling strides, e.g. 5,2,2 (default: from the frame size)")

@@ -225,6 +225,19 @@ def test_gop_index_and_equal_gops():
     assert (lambda c: (c.gops, c.min_gop))(tenerv.size_model(TeNeRVConfig(**base, gops=2, min_gop=3))) == (2, 3)
 
 
+def test_default_gops_capped_by_budget():
+    # 64 frames -> T/16 = 4 GoPs, but at 0.3M each extra GoP costs 3.6% of the budget: K = 2
+    for P, K in [(300_000, 2), (30_000_000, 4)]:
+        cfg = tenerv.size_model(TeNeRVConfig(n_frames=64, height=180, width=320, params=P))
+        full = replace(cfg, ablation="")
+        per_gop = tenerv.count_params(replace(full, gops=cfg.gops + 1)) - tenerv.count_params(full)
+        assert cfg.gops == K and cfg.min_gop == 64 // (2 * K)
+        assert (K - 1) * per_gop <= tenerv.GOP_SHARE * P and (K == 4 or K * per_gop > tenerv.GOP_SHARE * P)
+        for ablation in ("V1", "V2", "V3", "V4"):  # the ablations keep the full model's K
+            assert tenerv.size_model(TeNeRVConfig(n_frames=64, height=180, width=320, params=P, ablation=ablation)).gops == K
+    assert tenerv.size_model(TeNeRVConfig(n_frames=64, height=180, width=320, params=300_000, gops=4)).gops == 4  # --gops wins
+
+
 # --- parameter budget -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("W,H,T,P", [(1920, 1080, 600, 3_000_000), (1280, 720, 132, 3_000_000), (320, 180, 64, 300_000),
