@@ -94,6 +94,11 @@ def quantized_state(model):
     return {name: quantize(p) for name, p in model.named_parameters()}
 
 
+def to_symbols(q):
+    """int8 tensor -> its values + 128 as a flat uint8 array (the coders' alphabet, 0..255)."""
+    return (q.reshape(-1).numpy().astype(np.int16) + 128).astype(np.uint8)
+
+
 # -----------------------------------------------------------------------------
 # Quantization-aware training (Sec. IV-D)
 
@@ -118,7 +123,7 @@ def qat(model, frames, epochs, device, lr_scale=0.1, log=print):
             t = t.to(device)
             target = frames_dev[t].float() / 255
             out = torch.func.functional_call(model, {n: fake_quantize(p) for n, p in params.items()}, (t,))
-            loss = cfg.l1_weight * (out - target).abs().mean() + cfg.msssim_weight * (1 - tenerv.msssim(out, target).mean())
+            loss = tenerv.distortion(out, target, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -361,7 +366,7 @@ def encode_model(model, boundaries, coder="auto"):
     values = {0: [], 1: []}
     for name in names:
         q, scale = qs[name]
-        v = (q.reshape(-1).numpy().astype(np.int16) + 128).astype(np.uint8)
+        v = to_symbols(q)
         where = 1 if q.numel() < SMALL else 0
         values[where].append(v)
         lo, hi = symbol_range(v)
@@ -584,8 +589,7 @@ def cmd_bench(args):
     """Coder size against the summed zeroth-order entropy, and speed (best of --repeats)."""
     with open(args.file, "rb") as f:
         model, _ = decode_model(f.read())
-    real = [(q.reshape(-1).numpy().astype(np.int16) + 128).astype(np.uint8)
-            for q, _ in quantized_state(model).values() if q.numel() >= SMALL]
+    real = [to_symbols(q) for q, _ in quantized_state(model).values() if q.numel() >= SMALL]
     for name, values in ((f"{args.file} (tensors of >= {SMALL} values)", real), ("synthetic", synthetic_weights())):
         n = sum(len(v) for v in values)
         if n == 0:

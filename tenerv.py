@@ -628,6 +628,14 @@ def lr_at(step, n_steps, cfg):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - n_warm) / max(1, n_steps - n_warm)))
 
 
+def distortion(out, target, cfg, l1_only=False):
+    """Sec. IV-A: L1 for the first epochs (stage 1), then l1_weight * L1 + msssim_weight * (1 - MS-SSIM)."""
+    l1 = (out - target).abs().mean()
+    if l1_only:
+        return l1
+    return cfg.l1_weight * l1 + cfg.msssim_weight * (1 - msssim(out, target).mean())
+
+
 def stage1_epochs(cfg):
     """Stage 1 = the L1-only epochs: 30 of 300 in Sec. IV-A, scaled with --epochs."""
     return max(1, round(cfg.epochs * cfg.l1_epochs / 300))
@@ -790,11 +798,7 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                     out = model(t)
                 out = out.float()
-                l1 = (out - target).abs().mean()
-                if epoch < E1:  # Sec. IV-A: L1 only for the first epochs
-                    loss = l1
-                else:           # then L1 + MS-SSIM
-                    loss = cfg.l1_weight * l1 + cfg.msssim_weight * (1 - msssim(out, target).mean())
+                loss = distortion(out, target, cfg, l1_only=epoch < E1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
