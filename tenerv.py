@@ -45,7 +45,7 @@ class TeNeRVConfig:
     strides: tuple = ()          # upsampling factor of each TeNeRV block; () = derived from H, W
     base_h: int = 0              # grid height (derived: ceil(H / prod(strides)))
     base_w: int = 0              # grid width (derived)
-    grid_stride: int = 1         # frames per cell of the finest grid level
+    grid_stride: int = 0         # base positions per cell of the finest grid level (derived: 1 unless that busts grid_share)
     grid_levels: int = 3         # temporal resolutions T+l-1, /2, /4 (FFNeRV-style, Eq. 1)
     grid_share: float = 0.4      # not in the paper: fraction of the budget given to the base grids
     grid_channels: tuple = ()    # channels of each grid level (derived: grid_share split evenly over levels)
@@ -585,8 +585,15 @@ def size_model(cfg):
         raise ValueError(f"depths {cfg.depths} / expansions {cfg.expansions}: need one per block ({len(strides) + 1})")
 
     n_positions = T + (1 if cfg.ablation == "V1" else cfg.window) - 1
-    sizes = grid_sizes(n_positions, cfg.grid_levels, cfg.grid_stride)
     per_level = cfg.grid_share * cfg.params / cfg.grid_levels
+    if not cfg.grid_stride:
+        # not in the paper: the finest level has one cell per base position (Eq. 3) when one
+        # channel of it fits its share of the budget; a long clip at a small budget (300 frames
+        # of 176x144 at 0.3M) would otherwise spend 70% of the budget on grids of one channel.
+        # Then a cell spans `stride` positions, still queried at all T + l - 1 by Eq. 1.
+        fits = max(2, int(per_level / (cfg.base_h * cfg.base_w)))  # cells of one channel in a level's share
+        cfg = replace(cfg, grid_stride=math.ceil(n_positions / fits))
+    sizes = grid_sizes(n_positions, cfg.grid_levels, cfg.grid_stride)
     grid_channels = [max(1, round(per_level / (n * cfg.base_h * cfg.base_w))) for n in sizes]
 
     def sized(dim, grid_channels):

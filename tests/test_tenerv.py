@@ -251,6 +251,22 @@ def test_budget_within_one_percent(W, H, T, P):
         assert cfg.base_h * tenerv.math.prod(cfg.strides) >= H and cfg.base_w * tenerv.math.prod(cfg.strides) >= W
 
 
+def test_grid_stride_keeps_grids_near_their_share():
+    def grid_share(cfg):
+        with torch.device("meta"):
+            model = tenerv.TeNeRV(cfg, stage=2)
+        return sum(p.numel() for p in model.grids.parameters()) / tenerv.count_params(cfg)
+
+    # 300 frames of 176x144 at 0.3M: one channel per base position would be 70% of the budget
+    video = TeNeRVConfig(n_frames=300, height=144, width=176, params=300_000)
+    auto = tenerv.size_model(video)
+    assert auto.grid_stride == 3 and grid_share(auto) <= auto.grid_share + 0.03
+    one = tenerv.size_model(replace(video, grid_stride=1))  # an explicit stride wins
+    assert one.grid_stride == 1 and grid_share(one) > 0.65
+    # the benchmark clip keeps one cell per base position (Eq. 3)
+    assert tenerv.size_model(TeNeRVConfig(n_frames=64, height=180, width=320, params=300_000)).grid_stride == 1
+
+
 def test_budget_counts_real_stage2_model():
     cfg = tiny_cfg()
     model = tenerv.TeNeRV(cfg)
