@@ -38,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import pathlib
 import struct
 import sys
 import time
@@ -487,11 +488,8 @@ def component_shares(qs, values, data, report):
     return {k: v / len(data) for k, v in shares.items()}
 
 
-def write_atomic(data, path):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+def write_bytes_atomic(data, path):
+    tenerv.write_atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
 
 
 def metrics_against(model, frames, device):
@@ -531,7 +529,7 @@ def encode_run(run, output, qat_epochs=30, coder="auto", frames_path=None, size=
     torch.manual_seed(cfg.seed)
     qat(model, frames, qat_epochs, device, log=log)
     data, report = encode_model(model.cpu(), boundaries, coder)
-    write_atomic(data, output)
+    write_bytes_atomic(data, output)
     decoded, _ = decode_model(data)
     p, m, fps, _ = metrics_against(decoded, frames, torch.device("cpu"))
     T, H, W = cfg.n_frames, cfg.height, cfg.width

@@ -313,7 +313,7 @@ def write_csv(rows, path):
     w = csv.DictWriter(buf, fieldnames=["codec", "setting", "bytes", "bpp", "psnr_rgb", "psnr_yuv", "psnr_y", "msssim"])
     w.writeheader()
     w.writerows(rows)
-    compress.write_atomic(buf.getvalue().encode(), path)
+    compress.write_bytes_atomic(buf.getvalue().encode(), path)
 
 
 def plot(rows, path, title):
@@ -337,7 +337,7 @@ def plot(rows, path, title):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
-    compress.write_atomic(buf.getvalue(), path)
+    compress.write_bytes_atomic(buf.getvalue(), path)
 
 
 def main(argv=None):

@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import os
+import pathlib
 import re
 import sys
 import time
@@ -672,17 +673,19 @@ def split_model(model, optimizer, boundaries, device):
     return optimizer
 
 
-def save_atomic(obj, path):
+def write_atomic(path, write):
+    """Write path through write(tmp) and a rename, so that a crash or Ctrl-C never leaves half a file."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def save_atomic(obj, path):
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_json_atomic(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 
 def config_from_dict(d):
@@ -851,9 +854,7 @@ def save_frames(recon, folder):
     os.makedirs(folder, exist_ok=True)
     for i, f in enumerate(recon):
         a = (f.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-        tmp = os.path.join(folder, f".{i + 1:04d}.png.tmp")
-        Image.fromarray(a).save(tmp, format="PNG")
-        os.replace(tmp, os.path.join(folder, f"{i + 1:04d}.png"))
+        write_atomic(os.path.join(folder, f"{i + 1:04d}.png"), lambda tmp: Image.fromarray(a).save(tmp, format="PNG"))
 
 
 # -----------------------------------------------------------------------------
