@@ -266,10 +266,14 @@ class RANSCoder:
         return out
 
 
+def rans_coder(values_per_ctx):
+    """The coder for a list of uint8 arrays, one context each (their sizes and ranges travel in TENS)."""
+    return RANSCoder([len(v) for v in values_per_ctx], [symbol_range(v) for v in values_per_ctx])
+
+
 def rans_encode(values_per_ctx):
-    """List of uint8 arrays -> bytes (the ranges travel in TENS)."""
-    coder = RANSCoder([len(v) for v in values_per_ctx], [symbol_range(v) for v in values_per_ctx])
-    return coder.encode(np.concatenate(values_per_ctx) if values_per_ctx else np.zeros(0, np.uint8))
+    """List of uint8 arrays -> bytes."""
+    return rans_coder(values_per_ctx).encode(np.concatenate(values_per_ctx) if values_per_ctx else np.zeros(0, np.uint8))
 
 
 def symbol_range(v):
@@ -384,7 +388,7 @@ def encode_model(model, boundaries, coder="auto"):
             t0 = time.perf_counter()
             r = rans_encode(values[key])
             t1 = time.perf_counter()
-            RANSCoder([len(v) for v in values[key]], [symbol_range(v) for v in values[key]]).decode(r, len(raw))
+            rans_coder(values[key]).decode(r, len(raw))
             t2 = time.perf_counter()
             info.update(rans_bytes=len(r), rans_encode_msym_s=len(raw) / (t1 - t0) / 1e6,
                         rans_decode_msym_s=len(raw) / (t2 - t1) / 1e6)
@@ -593,7 +597,7 @@ def cmd_bench(args):
         if n == 0:
             print(f"{name}: no symbols")
             continue
-        coder = RANSCoder([len(v) for v in values], [symbol_range(v) for v in values])
+        coder = rans_coder(values)
         t_enc = t_dec = float("inf")
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -631,6 +635,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         if args.cmd == "bench":
+            if args.repeats < 1:
+                raise ValueError(f"--repeats {args.repeats}: must be at least 1")
             if not os.path.exists(args.file):
                 raise FileNotFoundError(f"{args.file}: no such file")
             cmd_bench(args)

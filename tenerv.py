@@ -568,12 +568,11 @@ def size_model(cfg):
     S = math.prod(strides)
     if S > min(H, W):
         raise ValueError(f"--strides {','.join(map(str, strides))}: total stride {S} exceeds the {W}x{H} frame")
-    if not cfg.gops and cfg.ablation != "V5":
-        cfg = replace(cfg, gops=gops_for_budget(cfg))
-    K = cfg.gops or default_gops(T)
-    L_min = cfg.min_gop or max(1, T // (2 * K))  # half the mean GoP length of the K chosen
     if cfg.ablation == "V5":  # not in the paper: V5's count is one GoP per 32 frames, as a codec's intra period
         K, L_min = math.ceil(T / 32), 1
+    else:
+        K = cfg.gops or gops_for_budget(cfg)
+        L_min = cfg.min_gop or max(1, T // (2 * K))  # half the mean GoP length of the K chosen
     check_gops(T, K, L_min)
     cfg = replace(cfg, strides=strides, base_h=math.ceil(H / S), base_w=math.ceil(W / S), gops=K, min_gop=L_min)
     if not cfg.depths or not cfg.expansions:

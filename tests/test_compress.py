@@ -172,6 +172,7 @@ def test_cli_errors_are_one_line_and_keep_existing_files(trained, tmp_path):
         (["decode", str(existing), "--out", str(tmp_path / "d")], "not a TeNeRV file"),
         (["decode", str(tmp_path / "missing.tnrv"), "--out", str(tmp_path / "d")], "no such file"),
         (["bench", str(tmp_path / "missing.tnrv")], "no such file"),
+        (["bench", str(existing), "--repeats", "0"], "--repeats 0"),
         (["encode", str(tmp_path), "-o", str(existing)], "ckpt.pt: not found"),
         (["encode", str(run), "-o", str(existing), "--frames", str(tmp_path / "nope")], "no such file or folder"),
     ]:
