@@ -518,7 +518,7 @@ def encode_run(run, output, qat_epochs=30, coder="auto", frames_path=None, size=
     if frames_path is None:
         meta = os.path.join(run, "metrics.json")
         if os.path.exists(meta):
-            m = json.load(open(meta))
+            m = json.loads(pathlib.Path(meta).read_text())
             frames_path, size = m.get("frames"), m.get("size")
     if frames_path is None:
         raise ValueError(f"{run}: the run does not say where its frames are; pass --frames")

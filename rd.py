@@ -35,6 +35,7 @@ import csv
 import io
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -191,7 +192,7 @@ def tenerv_run(frames, frames_path, size, budget, args, out, device):
     meta = os.path.join(run, "metrics.json")
     done = False
     if os.path.exists(meta):
-        m = json.load(open(meta))
+        m = json.loads(pathlib.Path(meta).read_text())
         done = (m.get("config") == json.loads(json.dumps(asdict(cfg)))
                 and m.get("frames") == os.path.abspath(frames_path) and m.get("size") == size)
     if done:
@@ -201,7 +202,7 @@ def tenerv_run(frames, frames_path, size, budget, args, out, device):
         tenerv.fit(cfg, frames, run, device, frames_path=frames_path, size=size)
     path, report = run + ".tnrv", run + ".json"
     fresh = (os.path.exists(path) and os.path.exists(report) and os.path.getmtime(path) > os.path.getmtime(meta)
-             and json.load(open(report)).get("qat_epochs") == args.qat_epochs)
+             and json.loads(pathlib.Path(report).read_text()).get("qat_epochs") == args.qat_epochs)
     if fresh:
         print(f"{path}: reusing the compressed file")
     else:
