@@ -337,6 +337,19 @@ def test_tiny_clip_overfits_and_gop_kernels_differ(tmp_path):
     assert torch.equal(again(torch.arange(8)), model(torch.arange(8)))
 
 
+def test_stage_switch_puts_the_boundary_at_a_scene_cut(tmp_path):
+    """Eq. 4 on the pre-trained fused grids + Algorithm 1 find a cut: frames 4.. are another
+    scene (the mirrored negative of the real frames). Equal GoPs would split at 6."""
+    a = sample_frames(12)
+    frames = torch.cat([a[:4], 255 - a[4:].flip(-1)])
+    cfg = tenerv.size_model(TeNeRVConfig(n_frames=12, height=36, width=64, params=20_000, strides=(2, 2), gops=2,
+                                         min_gop=2, epochs=10, l1_epochs=300, lr=5e-3, checkpoint_seconds=1e9))
+    _, state = tenerv.train(cfg, frames, str(tmp_path / "run"), torch.device("cpu"), log=lambda *a: None)
+    D = state["divergence"]
+    assert state["boundaries"] == [4], (state["boundaries"], D)
+    assert D[4] > 2 * max(d for t, d in enumerate(D) if t != 4), D  # the cut stands out, not a near-tie
+
+
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     frames = sample_frames(6, size=(40, 24))
     cfg = tenerv.size_model(TeNeRVConfig(n_frames=6, height=24, width=40, params=8000, strides=(2, 2), gops=2,
