@@ -736,10 +736,12 @@ def evaluate(model, frames, device):
 
 
 class Progress:
-    """One line that updates in place on a terminal, one line per epoch otherwise."""
+    """One line that updates in place on a terminal, one line per epoch through `log` otherwise
+    (a caller's own `log` always gets one line per epoch, never the terminal's in-place line)."""
 
-    def __init__(self, n_epochs):
-        self.n_epochs, self.t0, self.tty = n_epochs, time.time(), sys.stdout.isatty()
+    def __init__(self, n_epochs, log=print):
+        self.n_epochs, self.t0, self.log = n_epochs, time.time(), log
+        self.tty = log is print and sys.stdout.isatty()
 
     def update(self, epoch, done, total, loss, psnr_db, stage, final=False):
         if not (self.tty or final):
@@ -750,7 +752,10 @@ class Progress:
         bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
         line = (f"[{bar}] epoch {epoch + 1}/{self.n_epochs} stage {stage} loss {loss:.4f} "
                 f"psnr {psnr_db:.2f} dB  ETA {eta / 60:.1f} min")
-        print(("\r" + line) if self.tty else line, end="" if self.tty and not final else "\n", flush=True)
+        if self.tty:
+            print("\r" + line, end="\n" if final else "", flush=True)
+        else:
+            self.log(line)
 
 
 def train(cfg, frames, out_dir, device, resume=False, log=print):
@@ -790,7 +795,7 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
         model = model.to(memory_format=torch.channels_last)
     last = snapshot()
     last_write = time.time()
-    progress = Progress(E)
+    progress = Progress(E, log)
     try:
         for epoch in range(state["epoch"], E):
             t_epoch = time.time()

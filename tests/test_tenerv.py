@@ -350,12 +350,17 @@ def test_stage_switch_puts_the_boundary_at_a_scene_cut(tmp_path):
     assert D[4] > 2 * max(d for t, d in enumerate(D) if t != 4), D  # the cut stands out, not a near-tie
 
 
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
     frames = sample_frames(6, size=(40, 24))
     cfg = tenerv.size_model(TeNeRVConfig(n_frames=6, height=24, width=40, params=8000, strides=(2, 2), gops=2,
                                          min_gop=2, epochs=6, checkpoint_seconds=1e9))  # only Ctrl-C writes mid-run
     cpu = torch.device("cpu")
-    full, _ = tenerv.train(cfg, frames, str(tmp_path / "a"), cpu, log=lambda *a: None)
+    lines = []
+    full, _ = tenerv.train(cfg, frames, str(tmp_path / "a"), cpu, log=lines.append)
+    # a caller's log gets the progress, one line per epoch, and nothing goes to stdout
+    assert capsys.readouterr().out == ""
+    assert [l.split("] ")[1].split(" stage")[0] for l in lines if "psnr" in l] == [f"epoch {e}/6" for e in range(1, 7)]
+    assert sum("stage 2: 2 GoPs" in l for l in lines) == 1
 
     real_lr_at, calls = tenerv.lr_at, []
 
