@@ -742,6 +742,14 @@ class Progress:
     def __init__(self, n_epochs, log=print):
         self.n_epochs, self.t0, self.log = n_epochs, time.time(), log
         self.tty = log is print and sys.stdout.isatty()
+        self.open_line = False  # the terminal line is mid-update (no newline yet)
+
+    def say(self, message):
+        """A message of its own line, after ending an in-place progress line."""
+        if self.open_line:
+            print()
+            self.open_line = False
+        self.log(message)
 
     def update(self, epoch, done, total, loss, psnr_db, stage, final=False):
         if not (self.tty or final):
@@ -754,6 +762,7 @@ class Progress:
                 f"psnr {psnr_db:.2f} dB  ETA {eta / 60:.1f} min")
         if self.tty:
             print("\r" + line, end="\n" if final else "", flush=True)
+            self.open_line = not final
         else:
             self.log(line)
 
@@ -800,7 +809,7 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
         for epoch in range(state["epoch"], E):
             t_epoch = time.time()
             if epoch >= E1 and model.stage == 1:
-                optimizer = stage_switch(model, optimizer, state, device, log)
+                optimizer = stage_switch(model, optimizer, state, device, progress.say)
             order = torch.randperm(T, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
             tot_loss = tot_psnr = 0.0
             for j, t in enumerate(order.split(cfg.batch_size)):
@@ -831,12 +840,12 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
                 save_atomic(last, ckpt_path)
                 last_write = time.time()
         if model.stage == 1:  # fewer epochs than stage 1 needs: still end with the stage-2 model
-            optimizer = stage_switch(model, optimizer, state, device, log)
+            optimizer = stage_switch(model, optimizer, state, device, progress.say)
             last = snapshot()
             save_atomic(last, ckpt_path)
     except KeyboardInterrupt:
         save_atomic(last, ckpt_path)  # the last finished epoch, never a half-updated model
-        log(f"\ninterrupted: {ckpt_path} holds epoch {last['state']['epoch']}; continue with --resume")
+        progress.say(f"interrupted: {ckpt_path} holds epoch {last['state']['epoch']}; continue with --resume")
         raise
     return model, state
 
@@ -850,7 +859,7 @@ def stage_switch(model, optimizer, state, device, log):
     else:
         boundaries = partition_gops(D.tolist(), cfg.gops, cfg.min_gop)
     state["divergence"], state["boundaries"] = D.tolist(), boundaries
-    log(f"\nstage 2: {cfg.gops} GoPs starting at frames {[0] + boundaries}")
+    log(f"stage 2: {cfg.gops} GoPs starting at frames {[0] + boundaries}")
     return split_model(model, optimizer, boundaries, device)
 
 

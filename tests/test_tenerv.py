@@ -361,6 +361,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out == ""
     assert [l.split("] ")[1].split(" stage")[0] for l in lines if "psnr" in l] == [f"epoch {e}/6" for e in range(1, 7)]
     assert sum("stage 2: 2 GoPs" in l for l in lines) == 1
+    assert not any(l.startswith("\n") for l in lines)  # the terminal's line breaks stay out of a caller's log
 
     real_lr_at, calls = tenerv.lr_at, []
 
