@@ -954,5 +954,6 @@ def fit(cfg, frames, out, device, frames_path=None, size=None, resume=False, sav
         save_frames(recon, os.path.join(out, "frames"))
     return metrics
 
+
 if __name__ == "__main__":
     main()
