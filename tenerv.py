@@ -244,16 +244,25 @@ class TemporalGrids(nn.Module):
 # III-A. Inter-frame Feature Fusion (Eq. 2)
 
 class InterFrameFusion(nn.Module):
-    """X_tem^t = sum_{i=1..l} w_t^i X_base^{t+i-1}: a learnable window of l weights per frame."""
+    """X_tem^t = sum_{i=1..l} w_t^i X_base^{t+i-1}: a learnable window of l weights per frame.
 
-    def __init__(self, n_frames, window):
+    In stage 1 "all weights are shared across timestamps" (Sec. III-C), so the T windows are one
+    shared window; `duplicate` gives every frame its own copy of it for stage 2.
+    """
+
+    def __init__(self, n_windows, window):
         super().__init__()
-        w = torch.zeros(n_frames, window)
-        w[:, window // 2] = 1.0  # not in the paper: each window starts as a centred one-hot
-        self.weight = nn.Parameter(w)  # W_T = {w_1, ..., w_T}
+        w = torch.zeros(n_windows, window)
+        w[:, window // 2] = 1.0  # not in the paper: the window starts as a centred one-hot
+        self.weight = nn.Parameter(w)  # W_T = {w_1, ..., w_T} (stage 2), or one shared w (stage 1)
 
     def forward(self, t, X_base):  # t: (B,), X_base: (B, l, C, h, w) at positions t .. t+l-1
-        return torch.einsum("bl,blchw->bchw", self.weight[t], X_base)
+        w = self.weight[t] if self.weight.shape[0] > 1 else self.weight.expand(len(t), -1)
+        return torch.einsum("bl,blchw->bchw", w, X_base)
+
+    def duplicate(self, T):
+        """Stage 2: T copies of the window learned in stage 1, one per frame."""
+        self.weight = nn.Parameter(self.weight.detach().repeat(T, 1))
 
 
 # -----------------------------------------------------------------------------
@@ -442,8 +451,8 @@ def block_dims(cfg):
 
 
 class TeNeRV(nn.Module):
-    """Frame index t -> RGB frame. Stage 1 (holistic) has one GoP grid and one kernel set;
-    `split_gops` turns it into the stage-2 model with K of each (Sec. III-C)."""
+    """Frame index t -> RGB frame. Stage 1 (holistic) has one GoP grid, one kernel set and one IFF
+    window; `split_gops` turns it into the stage-2 model with K of each and T windows (Sec. III-C)."""
 
     def __init__(self, cfg, stage=1):
         super().__init__()
@@ -451,7 +460,7 @@ class TeNeRV(nn.Module):
         T, l = cfg.n_frames, self.window
         K = cfg.gops if stage == 2 else 1
         self.grids = TemporalGrids(T + l - 1, cfg.grid_channels, cfg.base_h, cfg.base_w, cfg.grid_stride)
-        self.iff = InterFrameFusion(T, l) if cfg.ablation != "V1" else None  # V1: base grids only
+        self.iff = InterFrameFusion(T if stage == 2 else 1, l) if cfg.ablation != "V1" else None  # V1: base grids only
         dim_grid = sum(cfg.grid_channels)
         # Eq. (5): one GoP-level grid per GoP (V2: none)
         self.gop_grid = nn.Parameter(torch.zeros(K, dim_grid, cfg.base_h, cfg.base_w)) if cfg.ablation != "V2" else None
@@ -492,12 +501,15 @@ class TeNeRV(nn.Module):
         return torch.cat([self.temporal_features(t) for t in torch.arange(self.cfg.n_frames, device=self.gop_of_frame.device).split(64)])
 
     def split_gops(self, boundaries):
-        """Stage 1 -> 2: K copies of the GoP grid and of every depthwise kernel set (Sec. III-C)."""
+        """Stage 1 -> 2: K copies of the GoP grid and of every depthwise kernel set (Sec. III-C), and a
+        copy of the IFF window for every frame."""
         K = len(boundaries) + 1
         assert self.stage == 1 and K == self.cfg.gops, (K, self.cfg.gops)
         self.gop_of_frame.copy_(gop_index(boundaries, self.cfg.n_frames))
         if self.gop_grid is not None:
             self.gop_grid = nn.Parameter(self.gop_grid.detach().repeat(K, 1, 1, 1))
+        if self.iff is not None:
+            self.iff.duplicate(self.cfg.n_frames)
         if self.cfg.ablation != "V3":
             for m in self.modules():
                 if isinstance(m, GoPDepthwiseConv):

@@ -152,7 +152,7 @@ def test_grid_linear_interpolation():
 
 def test_iff_eq2_by_hand():
     cfg = tiny_cfg(window=3)
-    model = tenerv.TeNeRV(cfg)
+    model = tenerv.TeNeRV(cfg, stage=2)  # one window per frame
     with torch.no_grad():
         model.iff.weight.copy_(torch.randn_like(model.iff.weight))
     t = 4
@@ -160,6 +160,22 @@ def test_iff_eq2_by_hand():
     w = model.iff.weight[t]
     expected = w[0] * X_base[t] + w[1] * X_base[t + 1] + w[2] * X_base[t + 2]  # Eq. 2, i = 1..l
     assert torch.allclose(model.temporal_features(torch.tensor([t]))[0], expected, atol=1e-6)
+
+
+def test_iff_window_shared_in_stage_1_copied_per_frame_in_stage_2():
+    cfg = tiny_cfg(window=3)
+    model = tenerv.TeNeRV(cfg)
+    assert model.iff.weight.shape == (1, 3)  # Sec. III-C: stage 1 shares all weights across timestamps
+    with torch.no_grad():
+        model.iff.weight.copy_(torch.tensor([[0.2, 0.5, -0.1]]))
+    t = torch.tensor([0, 5])
+    before = model.temporal_features(t)
+    X_base = model.grids(torch.arange(cfg.n_frames + 2))
+    assert torch.allclose(before[1], 0.2 * X_base[5] + 0.5 * X_base[6] - 0.1 * X_base[7], atol=1e-6)
+    model.split_gops([4])
+    assert model.iff.weight.shape == (cfg.n_frames, 3)
+    assert torch.equal(model.iff.weight, torch.tensor([[0.2, 0.5, -0.1]]).repeat(cfg.n_frames, 1))
+    assert torch.allclose(model.temporal_features(t), before)  # the split does not change the function
 
 
 def test_divergence_eq4():
@@ -332,6 +348,7 @@ def test_tiny_clip_overfits_and_gop_kernels_differ(tmp_path):
         w = dw.weight
         assert w.shape[0] == 2 and (w[0] - w[1]).abs().max() > 1e-4
     assert (model.gop_grid[0] - model.gop_grid[1]).abs().max() > 1e-4
+    assert model.iff.weight.shape[0] == 8 and model.iff.weight.std(0).max() > 1e-4  # each frame its own window
     # the checkpoint rebuilds the same model, loading with weights_only=True
     again, ckpt = tenerv.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
     assert torch.equal(again(torch.arange(8)), model(torch.arange(8)))
