@@ -755,6 +755,11 @@ class Progress:
         self.n_epochs, self.t0, self.log = n_epochs, time.time(), log
         self.tty = log is print and sys.stdout.isatty()
         self.open_line = False  # the terminal line is mid-update (no newline yet)
+        self.drawn = 0.0        # when the terminal line was last drawn
+
+    def due(self):
+        """Redraw the terminal line now? At most 4 times a second (each read of the loss syncs a GPU)."""
+        return self.tty and time.time() - self.drawn >= 0.25
 
     def say(self, message):
         """A message of its own line, after ending an in-place progress line."""
@@ -773,6 +778,7 @@ class Progress:
         line = (f"[{bar}] epoch {epoch + 1}/{self.n_epochs} stage {stage} loss {loss:.4f} "
                 f"psnr {psnr_db:.2f} dB  ETA {eta / 60:.1f} min")
         if self.tty:
+            self.drawn = time.time()
             print("\r" + line, end="\n" if final else "", flush=True)
             self.open_line = not final
         else:
@@ -789,11 +795,12 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
     steps_per_epoch = math.ceil(T / cfg.batch_size)
     n_steps = E * steps_per_epoch
 
-    torch.manual_seed(cfg.seed)
-    model = TeNeRV(cfg).to(device)
-    optimizer = make_optimizer(model, device)
-    state = dict(epoch=0, history=[], train_seconds=0.0, boundaries=[], divergence=[])
-    if resume:
+    if not resume:
+        torch.manual_seed(cfg.seed)
+        model = TeNeRV(cfg).to(device)
+        optimizer = make_optimizer(model, device)
+        state = dict(epoch=0, history=[], train_seconds=0.0, boundaries=[], divergence=[])
+    else:
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"{ckpt_path}: no checkpoint to resume; run without --resume to start")
         model, ckpt = load_checkpoint(ckpt_path, device)
@@ -823,7 +830,10 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
             if epoch >= E1 and model.stage == 1:
                 optimizer = stage_switch(model, optimizer, state, device, progress.say)
             order = torch.randperm(T, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-            tot_loss = tot_psnr = 0.0
+            # running sums stay on the device: reading them (.item()) waits for the GPU, so only
+            # the progress line does, a few times a second, and the end of the epoch
+            tot_loss = torch.zeros((), dtype=torch.float64, device=device)
+            tot_psnr = torch.zeros((), dtype=torch.float64, device=device)
             for j, t in enumerate(order.split(cfg.batch_size)):
                 step = epoch * steps_per_epoch + j
                 for g in optimizer.param_groups:
@@ -837,15 +847,17 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                tot_loss += loss.item() * len(t)
-                tot_psnr += psnr(out.detach().clamp(0, 1), target).sum().item()
-                progress.update(epoch, j + 1, steps_per_epoch, tot_loss / (j * cfg.batch_size + len(t)),
-                                tot_psnr / (j * cfg.batch_size + len(t)), model.stage)
+                tot_loss += loss.detach() * len(t)
+                tot_psnr += psnr(out.detach().clamp(0, 1), target).sum()
+                if progress.due():
+                    n = j * cfg.batch_size + len(t)
+                    progress.update(epoch, j + 1, steps_per_epoch, tot_loss.item() / n, tot_psnr.item() / n, model.stage)
+            epoch_loss, epoch_psnr = tot_loss.item() / T, tot_psnr.item() / T
             state["epoch"] = epoch + 1
             state["train_seconds"] += time.time() - t_epoch
-            state["history"].append(dict(epoch=epoch + 1, stage=model.stage, loss=tot_loss / T, psnr=tot_psnr / T,
+            state["history"].append(dict(epoch=epoch + 1, stage=model.stage, loss=epoch_loss, psnr=epoch_psnr,
                                          seconds=time.time() - t_epoch))
-            progress.update(epoch, steps_per_epoch, steps_per_epoch, tot_loss / T, tot_psnr / T, model.stage,
+            progress.update(epoch, steps_per_epoch, steps_per_epoch, epoch_loss, epoch_psnr, model.stage,
                             final=not progress.tty or epoch + 1 == E)
             last = snapshot()
             if time.time() - last_write >= cfg.checkpoint_seconds or epoch + 1 == E:
