@@ -115,7 +115,7 @@ def qat(model, frames, epochs, device, lr_scale=0.1, log=print):
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(T, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no GPU sync per step
         for t in order.split(cfg.batch_size):
             # not in the paper: QAT at a tenth of the training learning rate, cosine to 0
             lr = cfg.lr * lr_scale * 0.5 * (1 + math.cos(math.pi * step / n_steps))
@@ -128,9 +128,9 @@ def qat(model, frames, epochs, device, lr_scale=0.1, log=print):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(t)
+            total += loss.detach() * len(t)
             step += 1
-        log(f"QAT epoch {epoch + 1}/{epochs} loss {total / T:.4f}")
+        log(f"QAT epoch {epoch + 1}/{epochs} loss {total.item() / T:.4f}")
     return model
 
 

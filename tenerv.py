@@ -473,6 +473,10 @@ class TeNeRV(nn.Module):
                                            cfg.depths[i + 1], n_dw))
         self.head = nn.Conv2d(dims[-1], 3, 3, padding=1)
         self.stage = stage
+        # channels-last activations (train and reconstruct turn it on for CUDA, where cuDNN's bf16
+        # convolutions prefer it). Activations only: the GoP-specific depthwise kernels are 5-D,
+        # which Module.to(memory_format=torch.channels_last) refuses.
+        self.channels_last = False
 
     @property
     def window(self):
@@ -492,6 +496,8 @@ class TeNeRV(nn.Module):
         x = self.temporal_features(t)
         if self.gop_grid is not None:
             x = x + self.gop_grid[gop if self.gop_grid.shape[0] > 1 else torch.zeros_like(gop)]  # Eq. 5
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         for block in self.blocks:
             x = block(x, gop)
         return self.head(x)[..., : self.cfg.height, : self.cfg.width]  # crop the padding
@@ -716,6 +722,7 @@ def load_checkpoint(path, device="cpu"):
 def reconstruct(model, device, batch_size=4):
     """All frames (T, 3, H, W) in [0, 1], and decoding frames/s (forward only)."""
     model.eval()
+    model.channels_last = device.type == "cuda"
     T = model.cfg.n_frames
     out = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -819,8 +826,7 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
                     optimizer=copy.deepcopy(optimizer.state_dict()), state=copy.deepcopy(state))
 
     use_amp = device.type == "cuda"
-    if use_amp:
-        model = model.to(memory_format=torch.channels_last)
+    model.channels_last = use_amp
     last = snapshot()
     last_write = time.time()
     progress = Progress(E, log)
