@@ -473,9 +473,10 @@ class TeNeRV(nn.Module):
                                            cfg.depths[i + 1], n_dw))
         self.head = nn.Conv2d(dims[-1], 3, 3, padding=1)
         self.stage = stage
-        # channels-last activations (train and reconstruct turn it on for CUDA, where cuDNN's bf16
-        # convolutions prefer it). Activations only: the GoP-specific depthwise kernels are 5-D,
-        # which Module.to(memory_format=torch.channels_last) refuses.
+        # channels-last activations: train and reconstruct turn it on for CUDA, the usual layout for
+        # cuDNN's bf16 convolutions (its GPU speed is not measured here; on the CPU it lost in stage 2).
+        # Activations only: the GoP-specific depthwise kernels are 5-D, which
+        # Module.to(memory_format=torch.channels_last) refuses.
         self.channels_last = False
 
     @property

@@ -329,6 +329,9 @@ def test_channels_last_activations_change_nothing_but_the_layout():
     cfg = tiny_cfg(n_frames=8, gops=2, min_gop=2)
     model = tenerv.TeNeRV(cfg)
     t = torch.tensor([0, 5, 7, 2])
+    layout = []  # the memory format the blocks receive: the flag must really change it
+    model.blocks[0].register_forward_pre_hook(
+        lambda m, args: layout.append(args[0].is_contiguous(memory_format=torch.channels_last)))
     for stage in (1, 2):
         if stage == 2:
             model.split_gops([4])
@@ -342,6 +345,7 @@ def test_channels_last_activations_change_nothing_but_the_layout():
             y = model(t)
             y.square().mean().backward()
             out[cl] = y.detach(), [p.grad.clone() for p in model.parameters()]
+        assert layout[-2:] == [False, True]
         assert torch.allclose(out[False][0], out[True][0], atol=1e-5)
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out[False][1], out[True][1]))
 
