@@ -351,7 +351,8 @@ def test_channels_last_activations_change_nothing_but_the_layout():
 
 
 def test_ablation_structure():
-    assert tiny_cfg(ablation="V1") and tenerv.TeNeRV(tiny_cfg(ablation="V1")).iff is None
+    m1 = tenerv.TeNeRV(tiny_cfg(ablation="V1"))  # V1: no IFF, base grids at the T frames only (l = 1)
+    assert m1.iff is None and m1.grids.n_positions == m1.cfg.n_frames
     assert tenerv.TeNeRV(tiny_cfg(ablation="V2")).gop_grid is None
     m3 = tenerv.TeNeRV(tiny_cfg(ablation="V3"))
     m3.split_gops([4])
