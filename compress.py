@@ -53,7 +53,7 @@ import tenerv
 
 MAGIC = b"TNRV"
 FORMAT_VERSION = 1
-QAT_BITS = 8                      # Sec. IV-D
+QAT_BITS = 8                      # not in the paper (Sec. IV-D names QAT, not the bit depth)
 QMAX = 2 ** (QAT_BITS - 1) - 1    # symmetric: q in [-127, 127]
 ROWS_MIN = 256                    # per-slice scales only for slices of >= this many values
 SMALL = 4096                      # tensors with fewer values go to the SMAL section
@@ -73,7 +73,8 @@ def n_scales(shape):
 
 
 def quantize(w):
-    """w -> (q int8, scale float16): w ~ q * scale, |q| <= 127."""
+    """w -> (q int8, scale float16): w ~ q * scale, |q| <= 127. Not in the paper: symmetric, with a
+    float16 scale per tensor or per slice along dim 0 (n_scales)."""
     rows = w.detach().float().reshape(n_scales(w.shape), -1)
     scale = (rows.abs().amax(1) / QMAX).clamp_min(1e-8).half()
     q = torch.clamp(torch.round(rows / scale.float()[:, None]), -QMAX, QMAX).to(torch.int8)

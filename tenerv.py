@@ -47,7 +47,7 @@ class TeNeRVConfig:
     base_h: int = 0              # grid height (derived: ceil(H / prod(strides)))
     base_w: int = 0              # grid width (derived)
     grid_stride: int = 0         # base positions per cell of the finest grid level (derived: 1 unless that busts grid_share)
-    grid_levels: int = 3         # temporal resolutions T+l-1, /2, /4 (FFNeRV-style, Eq. 1)
+    grid_levels: int = 3         # not in the paper: temporal resolutions T+l-1, /2, /4 (multi-resolution as FFNeRV, Eq. 1)
     grid_share: float = 0.4      # not in the paper: fraction of the budget given to the base grids
     grid_channels: tuple = ()    # channels of each grid level (derived: grid_share split evenly over levels)
     dim: int = 0                 # C_0, channels at grid resolution (derived from the budget)
@@ -56,21 +56,23 @@ class TeNeRVConfig:
     min_dim: int = 8             # narrowest block, channels
     depths: tuple = ()           # refinement units per block (derived: 3 at low resolution, 1 at high)
     expansions: tuple = ()       # pointwise MLP hidden width / channels per block (derived: 4 low, 1 high)
-    kernel: int = 5              # depthwise kernel size
-    window: int = 3              # l, IFF window size (Eq. 2)
+    kernel: int = 5              # depthwise kernel size (not in the paper)
+    window: int = 3              # l, IFF window size (Eq. 2; the paper gives no value)
+    shared_window: bool = True   # not in the paper (our reading of Sec. III-C): one IFF window for all frames in stage 1
     gops: int = 0                # K, number of GoPs; 0 = derived from T (see default_gops)
     min_gop: int = 0             # L_min of Algorithm 1, frames; 0 = derived
     ablation: str = ""           # "" (full TeNeRV) or V1..V5 of Table III
     # training (Sec. III-C, IV-A)
     epochs: int = 300            # total epochs of both stages (Sec. IV-A)
-    l1_epochs: int = 30          # L1-only epochs out of 300 = stage 1; scales with --epochs
+    l1_epochs: int = 30          # Sec. IV-A: L1-only epochs out of 300; scales with --epochs
+    pretrain_epochs: int = 30    # not in the paper: stage-1 (holistic) epochs out of 300; scales with --epochs
     batch_size: int = 1          # frames per step
     lr: float = 1e-2             # Adam peak learning rate (not in the paper; 1e-2 diverged before the LayerNorm)
     grid_lr: float = 5.0         # learning-rate multiplier of the grids (not in the paper)
     iff_lr: float = 1.0          # learning-rate multiplier of the IFF weights (not in the paper)
     warmup: float = 0.03         # fraction of steps of linear warm-up, then cosine to 0 (not in the paper)
-    l1_weight: float = 0.7       # stage-2 loss = l1_weight * L1 + msssim_weight * (1 - MS-SSIM)
-    msssim_weight: float = 0.3
+    l1_weight: float = 0.7       # loss after the L1 epochs = l1_weight * L1 + msssim_weight * (1 - MS-SSIM);
+    msssim_weight: float = 0.3   # not in the paper: it names the two terms, not their weights (HiNeRV's 0.7/0.3)
     seed: int = 0
     checkpoint_seconds: float = 120.0  # write the resumable checkpoint at least this often
 
@@ -214,12 +216,13 @@ def grid_sizes(n_positions, n_levels, stride=1):
 
 
 class TemporalGrids(nn.Module):
-    """gamma_base: FFNeRV-style multi-resolution learnable grids over time, linearly interpolated.
+    """gamma_base: multi-resolution learnable grids over time (FFNeRV's, Eq. 1), linearly interpolated.
 
-    Level j holds ceil(n_positions / 2^j) feature maps of shape (c_j, h, w); coarser levels are
-    wider (FFNeRV), so that every level holds about the same number of values. A query at base
-    position i (0-based, 0 <= i < T + l - 1, Eq. 3) interpolates each level at the same
-    relative time and concatenates the levels along channels.
+    Level j holds ceil(n_positions / 2^j) feature maps of shape (c_j, h, w). Not in the paper (and
+    not FFNeRV's, whose levels have equal width): coarser levels are wider, so that every level
+    holds about the same number of values. A query at base position i (0-based,
+    0 <= i < T + l - 1, Eq. 3) interpolates each level at the same relative time and concatenates
+    the levels along channels.
     """
 
     def __init__(self, n_positions, channels, h, w, stride=1):
@@ -246,8 +249,11 @@ class TemporalGrids(nn.Module):
 class InterFrameFusion(nn.Module):
     """X_tem^t = sum_{i=1..l} w_t^i X_base^{t+i-1}: a learnable window of l weights per frame.
 
-    In stage 1 "all weights are shared across timestamps" (Sec. III-C), so the T windows are one
-    shared window; `duplicate` gives every frame its own copy of it for stage 2.
+    Not in the paper (our reading of Sec. III-C, `cfg.shared_window`): in stage 1 the T windows
+    are one window shared by all frames, as "all weights are shared across timestamps" in
+    pre-training; `duplicate` gives every frame its own copy for stage 2. Sec. III-C's list of
+    what is duplicated at the switch (GoP-level grids, GoP-specific depthwise kernels) does not
+    name W_T, so per-frame windows from the start (`shared_window=False`) are the other reading.
     """
 
     def __init__(self, n_windows, window):
@@ -269,7 +275,8 @@ class InterFrameFusion(nn.Module):
 # III-B. Divergence (Eq. 4) and content-aware GoP partition (Algorithm 1)
 
 def divergence(X_tem):
-    """D_t = 1 - cos(X_tem^t, X_tem^{t-1}) for t = 1..T-1 (0-based); D_0 = 0 (no predecessor)."""
+    """D_t = 1 - cos(X_tem^t, X_tem^{t-1}) for t = 1..T-1 (0-based); D_0 = 0 (no predecessor).
+    Not in the paper: the cosine is taken over the whole flattened (C, h, w) feature map."""
     x = X_tem.flatten(1).float()
     D = 1 - F.cosine_similarity(x[1:], x[:-1], dim=1)
     return torch.cat([D.new_zeros(1), D])
@@ -292,11 +299,14 @@ def check_gops(n_frames, K, L_min):
 def partition_gops(D, K, L_min):
     """Algorithm 1. Returns the sorted 0-based first frames of GoPs 2..K.
 
-    D: divergence per frame (D[0] is never a boundary, the video starts there). Edge cases the
-    paper leaves open: K = 1 returns []; K * L_min > T raises ValueError (no valid partition
-    exists); if the candidates run out before every GoP is long enough, we fall back to the
-    valid partition of K GoPs whose boundaries have the largest total divergence (dynamic
-    programming), which always exists when K * L_min <= T.
+    D: divergence per frame (D[0] is never a boundary, the video starts there). The rule is
+    greedy, as the paper's: it need not find the partition of largest total divergence
+    (D = [0, .5, .6, 0, .3, .7, 1], K = 3, L_min = 2 gives [2, 4], not [2, 5]). Edge cases the
+    paper leaves open: line 6 finds several short GoPs at once, and we mend the earliest in time
+    first; ties in D keep the earlier frame first (a stable sort); K = 1 returns []; K * L_min > T
+    raises ValueError (no valid partition exists); if the candidates run out before every GoP is
+    long enough, we fall back to the valid partition of K GoPs whose boundaries have the largest
+    total divergence (dynamic programming), which always exists when K * L_min <= T.
     """
     D = [float(d) for d in D]
     T = len(D)
@@ -313,7 +323,7 @@ def partition_gops(D, K, L_min):
             return sorted(B)
         if p >= len(C):                           # not in the paper: candidates exhausted
             return _best_partition(D, K, L_min)
-        u, v = short[0]
+        u, v = short[0]                           # not in the paper: the earliest short GoP first
         b = min((x for x in (u, v) if x in B), key=lambda x: D[x])  # line 10: the weaker boundary
         B = (B - {b}) | {C[p]}                    # line 11
         p += 1                                    # line 12
@@ -341,8 +351,19 @@ def _best_partition(D, K, L_min):
 
 
 def equal_gops(n_frames, K):
-    """Content-agnostic boundaries of K GoPs of (nearly) equal length (ablations V4, V5)."""
+    """V5: content-agnostic boundaries of K GoPs of (nearly) equal length."""
     return [round(k * n_frames / K) for k in range(1, K)]
+
+
+def fixed_gop_length(n_frames, K):
+    """V4: the GoP length L, a power of two as codecs' intra periods (not in the paper), the
+    shortest with ceil(T / L) <= K GoPs."""
+    return 2 ** math.ceil(math.log2(max(n_frames / K, 1)))
+
+
+def fixed_length_gops(n_frames, K):
+    """V4: content-agnostic GoPs of fixed_gop_length frames from the start; the last takes the rest."""
+    return list(range(fixed_gop_length(n_frames, K), n_frames, fixed_gop_length(n_frames, K)))
 
 
 def gop_index(boundaries, n_frames):
@@ -402,8 +423,8 @@ class ChannelLayerNorm(nn.Module):
 
 class Refinement(nn.Module):
     """x + pw2(GELU(pw1(LN(dw(x))))): depthwise k x k conv (GoP-specific), LayerNorm, pointwise MLP
-    (shared). The LayerNorm is not in the paper; it is the ConvNeXt block of HiNeRV, TeNeRV's
-    backbone (measured: +0.6 dB at 10 epochs, and lr 1e-2 no longer diverges)."""
+    (shared). The LayerNorm is not in the paper; it is HiNeRV's ConvNeXt block (measured: +0.6 dB
+    at 10 epochs, and lr 1e-2 no longer diverges)."""
 
     def __init__(self, dim, kernel, dim_hidden, n_gops=1):
         super().__init__()
@@ -460,18 +481,20 @@ class TeNeRV(nn.Module):
         T, l = cfg.n_frames, self.window
         K = cfg.gops if stage == 2 else 1
         self.grids = TemporalGrids(T + l - 1, cfg.grid_channels, cfg.base_h, cfg.base_w, cfg.grid_stride)
-        self.iff = InterFrameFusion(T if stage == 2 else 1, l) if cfg.ablation != "V1" else None  # V1: base grids only
+        n_windows = T if stage == 2 or not cfg.shared_window else 1
+        self.iff = InterFrameFusion(n_windows, l) if cfg.ablation != "V1" else None  # V1: base grids only
         dim_grid = sum(cfg.grid_channels)
-        # Eq. (5): one GoP-level grid per GoP (V2: none)
+        # Eq. (5): one GoP-level grid per GoP (V2: none); not in the paper: it starts at zero
         self.gop_grid = nn.Parameter(torch.zeros(K, dim_grid, cfg.base_h, cfg.base_w)) if cfg.ablation != "V2" else None
         self.register_buffer("gop_of_frame", torch.zeros(T, dtype=torch.long))
         dims = block_dims(cfg)
+        # not in the paper: block 0 refines at grid resolution (stride 1) before the upsampling blocks
         n_dw = 1 if cfg.ablation == "V3" else K  # V3: one shared depthwise kernel set
         self.blocks = nn.ModuleList([TeNeRVBlock(dim_grid, dims[0], 1, cfg.kernel, cfg.dim_hidden0, cfg.depths[0], n_dw)])
         for i, s in enumerate(cfg.strides):
             self.blocks.append(TeNeRVBlock(dims[i], dims[i + 1], s, cfg.kernel, cfg.expansions[i + 1] * dims[i + 1],
                                            cfg.depths[i + 1], n_dw))
-        self.head = nn.Conv2d(dims[-1], 3, 3, padding=1)
+        self.head = nn.Conv2d(dims[-1], 3, 3, padding=1)  # not in the paper: a 3x3 conv to RGB, no activation
         self.stage = stage
         # channels-last activations: train and reconstruct turn it on for CUDA, the usual layout for
         # cuDNN's bf16 convolutions (its GPU speed is not measured here; on the CPU it lost in stage 2).
@@ -508,14 +531,14 @@ class TeNeRV(nn.Module):
         return torch.cat([self.temporal_features(t) for t in torch.arange(self.cfg.n_frames, device=self.gop_of_frame.device).split(64)])
 
     def split_gops(self, boundaries):
-        """Stage 1 -> 2: K copies of the GoP grid and of every depthwise kernel set (Sec. III-C), and a
-        copy of the IFF window for every frame."""
+        """Stage 1 -> 2: K copies of the GoP grid and of every depthwise kernel set (Sec. III-C), and
+        (shared_window) a copy of the IFF window for every frame."""
         K = len(boundaries) + 1
         assert self.stage == 1 and K == self.cfg.gops, (K, self.cfg.gops)
         self.gop_of_frame.copy_(gop_index(boundaries, self.cfg.n_frames))
         if self.gop_grid is not None:
             self.gop_grid = nn.Parameter(self.gop_grid.detach().repeat(K, 1, 1, 1))
-        if self.iff is not None:
+        if self.iff is not None and self.iff.weight.shape[0] == 1:
             self.iff.duplicate(self.cfg.n_frames)
         if self.cfg.ablation != "V3":
             for m in self.modules():
@@ -561,8 +584,8 @@ def gops_for_budget(cfg):
     first costs a GoP-level grid and a set of depthwise kernels, which at small budgets and short
     clips is a large share (0.3M, 64 frames of 320x180: 3.6% per GoP) taken from the shared
     network; measured there, 4 GoPs lost 0.4 dB to 2. So K is also capped so that the K - 1
-    extra copies take at most GOP_SHARE of the budget. Computed on the full model, so that the
-    ablations V1-V4 use the same K."""
+    extra copies take at most GOP_SHARE of the budget. Computed on the full model, so that every
+    ablation is under the same cap (V1-V3 and V5 use this K; V4 at most this K)."""
     K0 = default_gops(cfg.n_frames)
     full = size_model(replace(cfg, gops=K0, min_gop=0, ablation=""))
     per_gop = count_params(replace(full, gops=K0 + 1)) - count_params(full)
@@ -587,11 +610,10 @@ def size_model(cfg):
     S = math.prod(strides)
     if S > min(H, W):
         raise ValueError(f"--strides {','.join(map(str, strides))}: total stride {S} exceeds the {W}x{H} frame")
-    if cfg.ablation == "V5":  # not in the paper: V5's count is one GoP per 32 frames, as a codec's intra period
-        K, L_min = math.ceil(T / 32), 1
-    else:
-        K = cfg.gops or gops_for_budget(cfg)
-        L_min = cfg.min_gop or max(1, T // (2 * K))  # half the mean GoP length of the K chosen
+    K = cfg.gops or gops_for_budget(cfg)
+    if cfg.ablation == "V4":  # fixed-length GoPs: K follows from the length, under the same cap
+        K = math.ceil(T / fixed_gop_length(T, K))
+    L_min = cfg.min_gop or max(1, T // (2 * K))  # half the mean GoP length of the K chosen
     check_gops(T, K, L_min)
     cfg = replace(cfg, strides=strides, base_h=math.ceil(H / S), base_w=math.ceil(W / S), gops=K, min_gop=L_min)
     if not cfg.depths or not cfg.expansions:
@@ -655,7 +677,7 @@ def lr_at(step, n_steps, cfg):
 
 
 def distortion(out, target, cfg, l1_only=False):
-    """Sec. IV-A: L1 for the first epochs (stage 1), then l1_weight * L1 + msssim_weight * (1 - MS-SSIM)."""
+    """Sec. IV-A: L1 for the first epochs, then l1_weight * L1 + msssim_weight * (1 - MS-SSIM)."""
     l1 = (out - target).abs().mean()
     if l1_only:
         return l1
@@ -663,8 +685,14 @@ def distortion(out, target, cfg, l1_only=False):
 
 
 def stage1_epochs(cfg):
-    """Stage 1 = the L1-only epochs: 30 of 300 in Sec. IV-A, scaled with --epochs."""
-    return max(1, round(cfg.epochs * cfg.l1_epochs / 300))
+    """Epochs of stage 1 (holistic pre-training). Not in the paper, which gives no length: by
+    default the 30 of 300 L1-only epochs of Sec. IV-A, scaled with --epochs (pretrain_epochs)."""
+    return max(1, round(cfg.epochs * cfg.pretrain_epochs / 300))
+
+
+def l1_only_epochs(cfg):
+    """Epochs trained with L1 alone (Sec. IV-A: the first 30 of 300), scaled with --epochs."""
+    return round(cfg.epochs * cfg.l1_epochs / 300)
 
 
 def make_optimizer(model, device):
@@ -679,7 +707,7 @@ def make_optimizer(model, device):
 
 
 def split_model(model, optimizer, boundaries, device):
-    """Stage 1 -> 2; the Adam moments of duplicated tensors are duplicated too."""
+    """Stage 1 -> 2. Not in the paper: the Adam moments of duplicated tensors are duplicated too."""
     names = {p: n for n, p in model.named_parameters()}
     old = {names[p]: s for p, s in optimizer.state.items()}
     model.split_gops(boundaries)
@@ -798,7 +826,7 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     T = cfg.n_frames
-    E, E1 = cfg.epochs, stage1_epochs(cfg)
+    E, E1, E_l1 = cfg.epochs, stage1_epochs(cfg), l1_only_epochs(cfg)
     frames_dev = frames.to(device)
     steps_per_epoch = math.ceil(T / cfg.batch_size)
     n_steps = E * steps_per_epoch
@@ -847,10 +875,10 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
                     g["lr"] = lr_at(step, n_steps, cfg) * g["scale"]
                 t = t.to(device)
                 target = frames_dev[t].float() / 255
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):  # not in the paper: bf16 on CUDA
                     out = model(t)
                 out = out.float()
-                loss = distortion(out, target, cfg, l1_only=epoch < E1)
+                loss = distortion(out, target, cfg, l1_only=epoch < E_l1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -885,7 +913,9 @@ def stage_switch(model, optimizer, state, device, log):
     """End of stage 1: divergence (Eq. 4), Algorithm 1 (or an ablation's rule), K copies."""
     cfg = model.cfg
     D = divergence(model.all_temporal_features())
-    if cfg.ablation in ("V4", "V5"):
+    if cfg.ablation == "V4":
+        boundaries = fixed_length_gops(cfg.n_frames, cfg.gops)
+    elif cfg.ablation == "V5":
         boundaries = equal_gops(cfg.n_frames, cfg.gops)
     else:
         boundaries = partition_gops(D.tolist(), cfg.gops, cfg.min_gop)

@@ -200,6 +200,18 @@ def test_algorithm1_replaces_weaker_boundary():
     assert tenerv.partition_gops(D, K=3, L_min=3) == _brute_force_fallback(D, 3, 3)
 
 
+def test_algorithm1_is_greedy_not_optimal():
+    # B = {6, 5} -> drop 5 (the weaker end of the short GoP [5, 6)), add 2 -> {2, 6} -> drop 6, add 1
+    # -> {1, 2} -> drop 1, add 4 -> {2, 4}: valid. The largest total divergence is {2, 5} (1.3 > 0.9).
+    assert tenerv.partition_gops([0, .5, .6, 0, .3, .7, 1.0], 3, 2) == [2, 4]
+
+
+def test_algorithm1_mends_the_earliest_short_gop_first():
+    # B = {6, 5}: [5, 6) and [6, 7) are both short. Earliest first: drop 5 (0.9 < 1.0), add 4 ->
+    # {4, 6}, drop 6, add 1 -> {1, 4}, drop 1, add 2 -> [2, 4]. Mending [6, 7) first would give [2, 5].
+    assert tenerv.partition_gops([0, .7, .3, .2, .8, .9, 1.0], 3, 2) == [2, 4]
+
+
 def _brute_force_fallback(D, K, L_min):
     import itertools
     T = len(D)
@@ -231,9 +243,13 @@ def test_algorithm1_edge_cases():
         assert len(B) == K - 1 and all(v - u >= L_min for u, v in zip(S, S[1:])), (D, K, L_min, B)
 
 
-def test_gop_index_and_equal_gops():
+def test_gop_index_and_content_agnostic_gops():
     assert tenerv.gop_index([2, 5], 7).tolist() == [0, 0, 1, 1, 1, 2, 2]
-    assert tenerv.equal_gops(64, 4) == [16, 32, 48]
+    assert tenerv.equal_gops(64, 4) == [16, 32, 48]                    # V5: K equal GoPs
+    assert tenerv.equal_gops(250, 2) == [125]
+    assert tenerv.fixed_length_gops(250, 2) == [128]                   # V4: 128 frames, the rest last
+    assert tenerv.fixed_length_gops(600, 5) == [128, 256, 384, 512]
+    assert tenerv.fixed_length_gops(100, 4) == [32, 64, 96]            # the last GoP is 4 frames
     # defaults: K = T/16 in [1, 8], L_min = T/(2K) of the K in use, also when only K is given
     base = dict(n_frames=16, height=24, width=40, params=6000, strides=(2, 2))
     assert (lambda c: (c.gops, c.min_gop))(tenerv.size_model(TeNeRVConfig(**base))) == (1, 8)
@@ -249,8 +265,11 @@ def test_default_gops_capped_by_budget():
         per_gop = tenerv.count_params(replace(full, gops=cfg.gops + 1)) - tenerv.count_params(full)
         assert cfg.gops == K and cfg.min_gop == 64 // (2 * K)
         assert (K - 1) * per_gop <= tenerv.GOP_SHARE * P and (K == 4 or K * per_gop > tenerv.GOP_SHARE * P)
-        for ablation in ("V1", "V2", "V3", "V4"):  # the ablations keep the full model's K
+        for ablation in ("V1", "V2", "V3", "V5"):  # the ablations keep the full model's K
             assert tenerv.size_model(TeNeRVConfig(n_frames=64, height=180, width=320, params=P, ablation=ablation)).gops == K
+        # V4: fixed-length GoPs, a power of two long, at most K of them
+        v4 = tenerv.size_model(TeNeRVConfig(n_frames=64, height=180, width=320, params=P, ablation="V4"))
+        assert v4.gops == 64 // tenerv.fixed_gop_length(64, K) <= K
     assert tenerv.size_model(TeNeRVConfig(n_frames=64, height=180, width=320, params=300_000, gops=4)).gops == 4  # --gops wins
 
 
@@ -388,7 +407,8 @@ def test_stage_switch_puts_the_boundary_at_a_scene_cut(tmp_path):
     a = sample_frames(12)
     frames = torch.cat([a[:4], 255 - a[4:].flip(-1)])
     cfg = tenerv.size_model(TeNeRVConfig(n_frames=12, height=36, width=64, params=20_000, strides=(2, 2), gops=2,
-                                         min_gop=2, epochs=10, l1_epochs=300, lr=5e-3, checkpoint_seconds=1e9))
+                                         min_gop=2, epochs=10, pretrain_epochs=300, l1_epochs=300, lr=5e-3,
+                                         checkpoint_seconds=1e9))
     _, state = tenerv.train(cfg, frames, str(tmp_path / "run"), torch.device("cpu"), log=lambda *a: None)
     D = state["divergence"]
     assert state["boundaries"] == [4], (state["boundaries"], D)
@@ -464,3 +484,37 @@ def test_cuda_training_step(tmp_path):
                                          batch_size=2))
     model, state = tenerv.train(cfg, frames, str(tmp_path / "run"), torch.device("cuda"), log=lambda *a: None)
     assert state["epoch"] == 2 and np.isfinite(state["history"][-1]["loss"])
+
+
+def test_v4_and_v5_differ_at_the_papers_length_under_the_same_gop_cap():
+    """600 frames of 1080p at 3M (the paper's setting): V5 splits the full model's K equally, V4 uses
+    GoPs of a fixed power-of-two length; both stay under the full model's GoP cap."""
+    base = dict(n_frames=600, height=1080, width=1920, params=3_000_000)
+    full, v4, v5 = (tenerv.size_model(TeNeRVConfig(**base, ablation=a)) for a in ("", "V4", "V5"))
+    assert v5.gops == full.gops and v4.gops <= full.gops
+    b4, b5 = tenerv.fixed_length_gops(600, v4.gops), tenerv.equal_gops(600, v5.gops)
+    assert b4 != b5 and len(b4) == v4.gops - 1 and len(b5) == v5.gops - 1
+    assert len(set(b - a for a, b in zip([0] + b4, b4))) == 1  # V4: every GoP but the last is L frames
+
+
+def test_stage_switch_uses_each_variants_rule(tmp_path):
+    frames = sample_frames(10)
+    for ablation, expect in (("V4", [8]), ("V5", [5])):
+        cfg = tenerv.size_model(TeNeRVConfig(n_frames=10, height=36, width=64, params=20_000, strides=(2, 2), gops=2,
+                                             epochs=2, ablation=ablation, checkpoint_seconds=1e9))
+        _, state = tenerv.train(cfg, frames, str(tmp_path / ablation), torch.device("cpu"), log=lambda *a: None)
+        assert state["boundaries"] == expect, (ablation, state["boundaries"])
+
+
+def test_pretraining_length_is_its_own_setting():
+    cfg = TeNeRVConfig(epochs=50, pretrain_epochs=60, l1_epochs=30)
+    assert tenerv.stage1_epochs(cfg) == 10 and tenerv.l1_only_epochs(cfg) == 5
+    assert tenerv.stage1_epochs(TeNeRVConfig(epochs=50)) == tenerv.l1_only_epochs(TeNeRVConfig(epochs=50)) == 5
+
+
+def test_per_frame_windows_from_the_start_when_not_shared():
+    m = tenerv.TeNeRV(tiny_cfg(shared_window=False))
+    assert m.iff.weight.shape[0] == m.cfg.n_frames
+    w = m.iff.weight.detach().clone()
+    m.split_gops([4])
+    assert torch.equal(m.iff.weight, w)  # nothing to copy at the switch
