@@ -58,6 +58,8 @@ QMAX = 2 ** (QAT_BITS - 1) - 1    # symmetric: q in [-127, 127]
 ROWS_MIN = 256                    # per-slice scales only for slices of >= this many values
 SMALL = 4096                      # tensors with fewer values go to the SMAL section
 CODERS = {0: "raw", 1: "zstd", 2: "rANS"}
+MAGICS = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"PK\x03\x04": "a zip file or a PyTorch checkpoint",
+          b"YUV4": "a .y4m video", b"\x28\xb5\x2f\xfd": "a zstd file"}  # what a wrong file may be, for the error
 
 
 class FormatError(ValueError):
@@ -310,12 +312,27 @@ def smallest(raw, force=None):
     return 0, raw
 
 
+def tag_name(tag):
+    """A section tag for people: BIG_ as it is, unprintable bytes (a damaged file) in hex."""
+    return tag.decode() if all(32 < b < 127 for b in tag) else tag.hex(" ").upper()
+
+
+def shape_text(shape):
+    return "x".join(map(str, shape))
+
+
+def video_text(shape):
+    """(T, 3, H, W) -> '16 frames of 320x180'."""
+    return f"{tenerv.plural(shape[0], 'frame')} of {shape[-1]}x{shape[-2]}"
+
+
 def read_sections(data):
     if len(data) < HEAD.size:
         raise FormatError(f"truncated: {len(data)} bytes is shorter than the {HEAD.size}-byte file header")
     magic, version, n = HEAD.unpack_from(data, 0)
     if magic != MAGIC:
-        raise FormatError(f"not a TeNeRV file: magic {magic!r}, expected {MAGIC!r}")
+        guess = next((f" ({what}?)" for m, what in MAGICS.items() if data.startswith(m)), "")
+        raise FormatError(f"not a TeNeRV file: it starts with {magic.hex(' ').upper()}{guess}, not {MAGIC.decode()}")
     if version > FORMAT_VERSION:
         raise FormatError(f"file format version {version} is newer than this decoder ({FORMAT_VERSION}); update compress.py")
     if version < 1:
@@ -327,19 +344,19 @@ def read_sections(data):
         tag, coder, raw_len, stored_len, crc = SECTION.unpack_from(data, pos)
         pos += SECTION.size
         if pos + stored_len > len(data):
-            raise FormatError(f"truncated: section {tag!r} needs {stored_len} bytes, {len(data) - pos} remain")
+            raise FormatError(f"truncated: section {tag_name(tag)} needs {stored_len} bytes, {len(data) - pos} remain")
         stored = data[pos: pos + stored_len]
         pos += stored_len
         if zlib.crc32(stored) != crc:
-            raise FormatError(f"corrupted: section {tag!r} fails its CRC32 check")
+            raise FormatError(f"corrupted: section {tag_name(tag)} fails its CRC32 check")
         if coder not in CODERS:
-            raise FormatError(f"corrupted: section {tag!r} names unknown coder {coder}")
+            raise FormatError(f"corrupted: section {tag_name(tag)} names unknown coder {coder}")
         sections[tag] = (coder, raw_len, stored)
     if pos != len(data):
         raise FormatError(f"corrupted: {len(data) - pos} unexpected bytes after the last section")
     for tag in (b"CONF", b"TENS", b"BIG_", b"SMAL"):
         if tag not in sections:
-            raise FormatError(f"corrupted: section {tag!r} is missing")
+            raise FormatError(f"corrupted: section {tag_name(tag)} is missing")
     return sections
 
 
@@ -441,11 +458,11 @@ def decode_model(data, device="cpu"):
         coder, raw_len, stored = sections[tag]
         sizes = [math.prod(e[1]) for e in mine]
         if raw_len != sum(sizes):
-            raise FormatError(f"corrupted: section {tag!r} holds {raw_len} values, the tensors need {sum(sizes)}")
+            raise FormatError(f"corrupted: section {tag_name(tag)} holds {raw_len} values, the tensors need {sum(sizes)}")
         if coder == 2:
             sym = RANSCoder(sizes, [(e[4], e[5]) for e in mine]).decode(stored, raw_len)
         else:
-            sym = np.frombuffer(unpack_plain(coder, raw_len, stored, f"section {tag!r}"), np.uint8)
+            sym = np.frombuffer(unpack_plain(coder, raw_len, stored, f"section {tag_name(tag)}"), np.uint8)
         streams[key] = np.split(sym, np.cumsum(sizes)[:-1]) if mine else []
     model = tenerv.TeNeRV(cfg, stage=1)
     model.split_gops(boundaries)
@@ -454,8 +471,12 @@ def decode_model(data, device="cpu"):
     for name, shape, where, scale, lo, hi in entries:
         v = streams[where][index[where]]
         index[where] += 1
-        if name not in expected or tuple(expected[name].shape) != tuple(shape) or len(scale) != n_scales(shape):
-            raise FormatError(f"corrupted: tensor {name} {tuple(shape)} does not fit the model")
+        if name not in expected:
+            raise FormatError(f"corrupted: tensor {name} does not fit the model (it has no such tensor)")
+        want = expected[name].shape
+        if tuple(want) != tuple(shape) or len(scale) != n_scales(shape):
+            raise FormatError(f"corrupted: tensor {name} of {shape_text(shape)} with {len(scale)} scales does not fit "
+                              f"the model ({shape_text(want)} with {n_scales(want)})")
         q = torch.from_numpy(v.astype(np.int16) - 128).to(torch.int8).reshape(shape)
         state[name] = dequantize(q, torch.from_numpy(scale))
     if set(state) != set(expected):

@@ -31,6 +31,15 @@ def one_line_error(main, argv):
     return msg
 
 
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """4 real frames of 64x36 and a finished 2-epoch run on them."""
+    tmp = tmp_path_factory.mktemp("cli")
+    folder = write_frames(str(tmp / "clip"), sample_frames(4, size=(64, 36)).permute(0, 2, 3, 1).numpy())
+    tenerv.main(["--frames", folder, *TINY, "--out", str(tmp / "run")])
+    return folder, str(tmp / "run"), tmp
+
+
 def env():
     return dict(os.environ, OMP_NUM_THREADS="1")
 
@@ -127,3 +136,20 @@ def test_the_readme_ffmpeg_recipes(tmp_path):
         out = str(tmp_path / ("plain_" + name))
         subprocess.run([exe, "-loglevel", "error", "-i", pngs, "-pix_fmt", "yuv420p", out], check=True)
         assert psnr(out, 601) > 38 and psnr(out, 601) > psnr(out, 709) + 3, name
+
+
+# --- 6. messages for people -------------------------------------------------------------------------
+
+def test_bitstream_errors_name_things_in_words(clip, tmp_path):
+    _, run, _ = clip
+    model, ckpt = tenerv.load_checkpoint(os.path.join(run, "ckpt.pt"))
+    data, _ = compress.encode_model(model, ckpt["state"]["boundaries"])
+    with pytest.raises(compress.FormatError) as e:
+        compress.decode_model(b"\x89PNG\r\n\x1a\n" + data[8:])
+    assert "not a TeNeRV file: it starts with 89 50 4E 47 (a PNG image?), not TNRV" in str(e.value)
+    bad = bytearray(data)
+    bad[-1] ^= 1  # the last section's payload: its CRC fails
+    with pytest.raises(compress.FormatError) as e:
+        compress.decode_model(bytes(bad))
+    assert "section SMAL fails its CRC32 check" in str(e.value) and "b'" not in str(e.value)
+    assert compress.tag_name(b"BIG_") == "BIG_" and compress.tag_name(b"\x00\x01ab") == "00 01 61 62"
