@@ -34,6 +34,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -329,6 +330,7 @@ def plot(rows, path, title):
             ax.plot([r["bpp"] for r in rs], [r[key] for r in rs], **style)
     for ax, label in zip(axes, ("PSNR RGB (dB)", "PSNR YUV 6:1:1 (dB)", "MS-SSIM (RGB)")):
         ax.set_xscale("log")
+        log_ticks(ax)
         ax.set_xlabel("bpp")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -339,6 +341,19 @@ def plot(rows, path, title):
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
     compress.write_bytes_atomic(buf.getvalue(), path)
+
+
+def log_ticks(ax):
+    """Log-scale bpp ticks as plain decimals, as many as fit: matplotlib's own (2x10^-1, 3x10^-1, ...
+    within a decade) overlapped."""
+    lo, hi = ax.get_xlim()
+    decades = math.log10(hi / lo)
+    subs = (1,) if decades > 3 else (1, 2, 5) if decades > 0.8 else (1, 1.5, 2, 3, 4, 5, 6, 8)
+    ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in subs]
+    ticks = [t for t in ticks if lo <= t <= hi]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xticks([], minor=True)
+    ax.set_xlim(lo, hi)
 
 
 def main(argv=None):
