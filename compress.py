@@ -112,27 +112,39 @@ def qat(model, frames, epochs, device, lr_scale=0.1, log=print):
     optimizer = torch.optim.Adam(params.values(), lr=0.0)
     frames_dev = frames.to(device)
     T = cfg.n_frames
-    n_steps = max(1, epochs * math.ceil(T / cfg.batch_size))
+    n_batches = math.ceil(T / cfg.batch_size)
+    n_steps = max(1, epochs * n_batches)
     step = 0
     model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(T, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        total = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no GPU sync per step
-        for t in order.split(cfg.batch_size):
-            # not in the paper: QAT at a tenth of the training learning rate, cosine to 0
-            lr = cfg.lr * lr_scale * 0.5 * (1 + math.cos(math.pi * step / n_steps))
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            t = t.to(device)
-            target = frames_dev[t].float() / 255
-            out = torch.func.functional_call(model, {n: fake_quantize(p) for n, p in params.items()}, (t,))
-            loss = tenerv.distortion(out, target, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * len(t)
-            step += 1
-        log(f"QAT epoch {epoch + 1}/{epochs} loss {total.item() / T:.4f}")
+    progress = tenerv.Progress(epochs, log)
+    try:
+        for epoch in range(epochs):
+            order = torch.randperm(T, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+            # on the device: no GPU sync per step
+            tot_loss, tot_psnr = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(2))
+            for j, t in enumerate(order.split(cfg.batch_size)):
+                # not in the paper: QAT at a tenth of the training learning rate, cosine to 0
+                lr = cfg.lr * lr_scale * 0.5 * (1 + math.cos(math.pi * step / n_steps))
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                t = t.to(device)
+                target = frames_dev[t].float() / 255
+                out = torch.func.functional_call(model, {n: fake_quantize(p) for n, p in params.items()}, (t,))
+                loss = tenerv.distortion(out, target, cfg)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                tot_loss += loss.detach() * len(t)
+                tot_psnr += tenerv.psnr(out.detach().clamp(0, 1), target).sum()  # of the 8-bit model
+                step += 1
+                if progress.due():
+                    n = j * cfg.batch_size + len(t)
+                    progress.update(epoch, j + 1, n_batches, tot_loss.item() / n, tot_psnr.item() / n, "QAT")
+            progress.update(epoch, n_batches, n_batches, tot_loss.item() / T, tot_psnr.item() / T, "QAT",
+                            final=not progress.tty or epoch + 1 == epochs)
+    except KeyboardInterrupt:
+        progress.end_line()
+        raise
     return model
 
 

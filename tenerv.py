@@ -800,13 +800,25 @@ def evaluate(model, frames, device):
     return *quality(recon, frames), fps, recon
 
 
+def hms(seconds):
+    """A duration as m:ss or h:mm:ss."""
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 class Progress:
     """One line that updates in place on a terminal, one line per epoch through `log` otherwise
-    (a caller's own `log` always gets one line per epoch, never the terminal's in-place line)."""
+    (a caller's own `log` always gets one line per epoch, never the terminal's in-place line).
+    The ETA counts from `start`, the first epoch of this session (a resumed run starts later)."""
 
-    def __init__(self, n_epochs, log=print):
-        self.n_epochs, self.t0, self.log = n_epochs, time.time(), log
+    def __init__(self, n_epochs, log=print, start=0):
+        self.n_epochs, self.start, self.t0 = n_epochs, start, time.time()
         self.tty = log is print and sys.stdout.isatty()
+        self.log = (lambda s: print(s, flush=True)) if log is print else log  # a log file shows each epoch as it ends
         self.open_line = False  # the terminal line is mid-update (no newline yet)
         self.drawn = 0.0        # when the terminal line was last drawn
 
@@ -814,22 +826,25 @@ class Progress:
         """Redraw the terminal line now? At most 4 times a second (each read of the loss syncs a GPU)."""
         return self.tty and time.time() - self.drawn >= 0.25
 
-    def say(self, message):
-        """A message of its own line, after ending an in-place progress line."""
+    def end_line(self):
+        """End an in-place progress line, before other output."""
         if self.open_line:
             print()
             self.open_line = False
+
+    def say(self, message):
+        """A message of its own line, after ending an in-place progress line."""
+        self.end_line()
         self.log(message)
 
-    def update(self, epoch, done, total, loss, psnr_db, stage, final=False):
+    def update(self, epoch, done, total, loss, psnr_db, what, final=False):
         if not (self.tty or final):
             return
-        elapsed = time.time() - self.t0
         frac = (epoch + done / total) / self.n_epochs
-        eta = elapsed / max(frac, 1e-9) * (1 - frac) if frac > 0 else 0
+        ran = (epoch - self.start + done / total) / max(1, self.n_epochs - self.start)  # of this session's epochs
+        eta = (time.time() - self.t0) / max(ran, 1e-9) * (1 - ran)
         bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-        line = (f"[{bar}] epoch {epoch + 1}/{self.n_epochs} stage {stage} loss {loss:.4f} "
-                f"psnr {psnr_db:.2f} dB  ETA {eta / 60:.1f} min")
+        line = f"[{bar}] epoch {epoch + 1}/{self.n_epochs} {what} loss {loss:.4f} psnr {psnr_db:.2f} dB  ETA {hms(eta)}"
         if self.tty:
             self.drawn = time.time()
             print("\r" + line, end="\n" if final else "", flush=True)
@@ -875,9 +890,10 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
     model.channels_last = use_amp
     last = snapshot()
     last_write = time.time()
-    progress = Progress(E, log)
+    first = state["epoch"]
+    progress = Progress(E, log, start=first)
     try:
-        for epoch in range(state["epoch"], E):
+        for epoch in range(first, E):
             t_epoch = time.time()
             if epoch >= E1 and model.stage == 1:
                 optimizer = stage_switch(model, optimizer, state, device, progress.say)
@@ -903,18 +919,25 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
                 tot_psnr += psnr(out.detach().clamp(0, 1), target).sum()
                 if progress.due():
                     n = j * cfg.batch_size + len(t)
-                    progress.update(epoch, j + 1, steps_per_epoch, tot_loss.item() / n, tot_psnr.item() / n, model.stage)
+                    progress.update(epoch, j + 1, steps_per_epoch, tot_loss.item() / n, tot_psnr.item() / n,
+                                    f"stage {model.stage}")
             epoch_loss, epoch_psnr = tot_loss.item() / T, tot_psnr.item() / T
             state["epoch"] = epoch + 1
             state["train_seconds"] += time.time() - t_epoch
             state["history"].append(dict(epoch=epoch + 1, stage=model.stage, loss=epoch_loss, psnr=epoch_psnr,
                                          seconds=time.time() - t_epoch))
-            progress.update(epoch, steps_per_epoch, steps_per_epoch, epoch_loss, epoch_psnr, model.stage,
+            progress.update(epoch, steps_per_epoch, steps_per_epoch, epoch_loss, epoch_psnr, f"stage {model.stage}",
                             final=not progress.tty or epoch + 1 == E)
             last = snapshot()
             if time.time() - last_write >= cfg.checkpoint_seconds or epoch + 1 == E:
                 save_atomic(last, ckpt_path)
                 last_write = time.time()
+            took, left = state["history"][-1]["seconds"], E - epoch - 1
+            if left and (epoch == first or epoch == E1 > first):  # the duration, as soon as it can be told
+                whole = "the whole run" if epoch == 0 else f"the {plural(left, 'epoch')} left"
+                later = f"; stage 2's epochs are slower, a new estimate after epoch {E1 + 1}" if epoch < E1 < E else ""
+                progress.say(f"epoch {epoch + 1}/{E}{', the first of stage 2,' if epoch == E1 else ''} took {took:.3g} s: "
+                             f"about {hms(took * (left + (epoch == 0)))} for {whole}{later}")
         if model.stage == 1:  # fewer epochs than stage 1 needs: still end with the stage-2 model
             optimizer = stage_switch(model, optimizer, state, device, progress.say)
             last = snapshot()
@@ -935,7 +958,7 @@ def stage_switch(model, optimizer, state, device, log):
     else:
         boundaries = partition_gops(D.tolist(), cfg.gops, cfg.min_gop)
     state["divergence"], state["boundaries"] = D.tolist(), boundaries
-    log(f"stage 2: {cfg.gops} GoPs starting at frames {[0] + boundaries}")
+    log(f"stage 2: {plural(cfg.gops, 'GoP')} starting at frame{'s' if boundaries else ''} {', '.join(map(str, [0] + boundaries))}")
     return split_model(model, optimizer, boundaries, device)
 
 

@@ -44,6 +44,14 @@ def env():
     return dict(os.environ, OMP_NUM_THREADS="1")
 
 
+# --- 2. defaults and durations ----------------------------------------------------------------------
+
+def test_durations_read_as_clock_times():
+    assert tenerv.hms(0.4) == "0:00" and tenerv.hms(12.3) == "0:12" and tenerv.hms(754) == "12:34"
+    assert tenerv.hms(3690) == "1:01:30" and tenerv.hms(36000) == "10:00:00"
+    assert tenerv.plural(1, "GoP") == "1 GoP" and tenerv.plural(2, "frame") == "2 frames"
+
+
 # --- 4. colour matrices and .y4m --------------------------------------------------------------------
 
 def rgb_to_i420(rgb, matrix):
