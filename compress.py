@@ -54,6 +54,7 @@ import tenerv
 MAGIC = b"TNRV"
 FORMAT_VERSION = 1
 QAT_BITS = 8                      # Sec. IV-D
+QAT_EPOCHS = 30                   # Sec. IV-D
 QMAX = 2 ** (QAT_BITS - 1) - 1    # symmetric: q in [-127, 127]
 ROWS_MIN = 256                    # per-slice scales only for slices of >= this many values
 SMALL = 4096                      # tensors with fewer values go to the SMAL section
@@ -537,9 +538,14 @@ def metrics_against(model, frames, device):
 # -----------------------------------------------------------------------------
 # Command line
 
-def encode_run(run, output, qat_epochs=30, coder="auto", frames_path=None, size=None, json_path=None,
-               device="auto", log=print):
-    """QAT of a finished tenerv.py run, then the .tnrv file; returns (and writes to JSON) the report."""
+def encode_run(run, output, qat_epochs=QAT_EPOCHS, coder="auto", frames_path=None, size=None, json_path=None,
+               device="auto", log=print, matrix=None):
+    """QAT of a finished tenerv.py run, then the .tnrv file; returns (and writes to JSON) the report.
+    The frames are the run's (its metrics.json says where, and the size and matrix of a .yuv/.y4m)
+    unless frames_path is given."""
+    json_path = json_path or os.path.splitext(output)[0] + ".json"
+    tenerv.check_writable(output, "-o", folder=False)  # now, not after the QAT epochs
+    tenerv.check_writable(json_path, "--json", folder=False)
     ckpt = os.path.join(run, "ckpt.pt")
     if not os.path.exists(ckpt):
         raise FileNotFoundError(f"{ckpt}: not found; pass a run folder written by tenerv.py")
@@ -552,21 +558,20 @@ def encode_run(run, output, qat_epochs=30, coder="auto", frames_path=None, size=
         meta = os.path.join(run, "metrics.json")
         if os.path.exists(meta):
             m = json.loads(pathlib.Path(meta).read_text())
-            frames_path, size = m.get("frames"), m.get("size")
+            frames_path, size, matrix = m.get("frames"), m.get("size"), matrix or m.get("matrix")
     if frames_path is None:
         raise ValueError(f"{run}: the run does not say where its frames are; pass --frames")
-    frames = tenerv.load_frames(frames_path, size)
+    frames = tenerv.load_frames(frames_path, size, matrix or tenerv.DEFAULT_MATRIX)
     cfg = model.cfg
     if tuple(frames.shape) != (cfg.n_frames, 3, cfg.height, cfg.width):
-        raise ValueError(f"{frames_path}: {frames.shape[0]} frames of {frames.shape[3]}x{frames.shape[2]}, but the run was "
-                         f"trained on {cfg.n_frames} of {cfg.width}x{cfg.height}")
+        raise ValueError(f"{frames_path}: {video_text(frames.shape)}, but the run was trained on "
+                         f"{video_text((cfg.n_frames, 3, cfg.height, cfg.width))}")
     boundaries = saved["state"]["boundaries"]
     psnr_float = metrics_against(model, frames, device)[0]
     log(f"float model: PSNR {psnr_float:.2f} dB")
     torch.manual_seed(cfg.seed)
     qat(model, frames, qat_epochs, device, log=log)
     data, report = encode_model(model.cpu(), boundaries, coder)
-    write_bytes_atomic(data, output)
     decoded, _ = decode_model(data)
     p, m, fps, _ = metrics_against(decoded, frames, torch.device("cpu"))
     T, H, W = cfg.n_frames, cfg.height, cfg.width
@@ -579,8 +584,9 @@ def encode_run(run, output, qat_epochs=30, coder="auto", frames_path=None, size=
                  f"{s['zstd_or_raw_bytes']} B)") if "rans_bytes" in s else ""
         log(f"section {tag}: {s['bytes']} bytes, coder {s['coder']}{extra}")
     log("bytes per component: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in report["shares"].items()))
+    write_bytes_atomic(data, output)  # both files at the end: Ctrl-C before here leaves nothing half-written
+    tenerv.write_json_atomic(result, json_path)
     log(f"{output}: {len(data)} bytes, {result['bpp']:.4f} bpp, PSNR {p:.2f} dB (float {psnr_float:.2f} dB), MS-SSIM {m:.4f}")
-    tenerv.write_json_atomic(result, json_path or os.path.splitext(output)[0] + ".json")
     return result
 
 
@@ -596,18 +602,19 @@ def decode_file(path):
 
 
 def cmd_encode(args):
-    encode_run(args.run, args.output, args.qat_epochs, args.coder, args.frames, None, args.json, args.device)
+    encode_run(args.run, args.output, args.qat_epochs, args.coder, args.frames, args.size, args.json, args.device,
+               matrix=args.matrix)
 
 
 def cmd_decode(args):
+    tenerv.check_writable(args.out, "--out", folder=True)
     model, recon, fps = decode_file(args.file)
     tenerv.save_frames(recon, args.out)
-    cfg = model.cfg
-    print(f"decoded {cfg.n_frames} frames of {cfg.width}x{cfg.height} to {args.out} at {fps:.1f} frames/s")
+    print(f"decoded {video_text(recon.shape)} to {args.out} at {fps:.1f} frames/s")
     if args.frames:
-        frames = tenerv.load_frames(args.frames, args.size)
+        frames = tenerv.load_frames(args.frames, args.size, args.matrix)
         if tuple(frames.shape) != tuple(recon.shape):
-            raise ValueError(f"{args.frames}: {tuple(frames.shape)} frames do not match the decoded {tuple(recon.shape)}")
+            raise ValueError(f"{args.frames}: {video_text(frames.shape)} do not match the decoded {video_text(recon.shape)}")
         p, m = tenerv.quality(recon, frames)  # the reconstruction again: no second forward pass
         print(f"PSNR {p.mean().item():.2f} dB  MS-SSIM {m:.4f}  against {args.frames}")
 
@@ -651,20 +658,26 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("encode", help="8-bit QAT, then write the bitstream")
     e.add_argument("run", help="run folder written by tenerv.py")
-    e.add_argument("-o", "--output", required=True, help="the .tnrv file to write")
-    e.add_argument("--qat-epochs", type=int, default=30, help="epochs of quantization-aware training (Sec. IV-D: 30)")
-    e.add_argument("--coder", default="auto", choices=("auto", "zstd"), help="auto: rANS or zstd per section, whichever is smaller")
+    e.add_argument("-o", "--output", required=True, help="the .tnrv file to write (its folder must exist)")
+    e.add_argument("--qat-epochs", type=int, default=QAT_EPOCHS, help="epochs of quantization-aware training (default: %(default)s, Sec. IV-D)")
+    e.add_argument("--coder", default="auto", choices=("auto", "zstd"),
+                   help="auto: rANS or zstd per section, whichever is smaller (default: %(default)s)")
     e.add_argument("--frames", default=None, help="the original frames (default: the run's)")
+    e.add_argument("--size", default=None, help="WxH when --frames is a .yuv file, pixels")
+    e.add_argument("--matrix", type=int, default=None, choices=tuple(tenerv.MATRICES),
+                   help=f"colour matrix of .yuv/.y4m frames (default: the run's, else {tenerv.DEFAULT_MATRIX})")
     e.add_argument("--json", default=None, help="where to write the report (default: next to the output)")
-    e.add_argument("--device", default="auto", choices=("auto", "cpu"), help="where to run QAT")
+    e.add_argument("--device", default="auto", choices=("auto", "cpu"), help="where to run QAT (default: %(default)s)")
     d = sub.add_parser("decode", help="rebuild the frames from a .tnrv file")
     d.add_argument("file", help="a .tnrv file")
-    d.add_argument("--out", required=True, help="folder for the PNG frames")
+    d.add_argument("--out", required=True, help="folder for the PNG frames (made if missing)")
     d.add_argument("--frames", default=None, help="original frames: also report PSNR and MS-SSIM")
-    d.add_argument("--size", default=None, help="WxH when --frames is a .yuv file")
+    d.add_argument("--size", default=None, help="WxH when --frames is a .yuv file, pixels")
+    d.add_argument("--matrix", type=int, default=tenerv.DEFAULT_MATRIX, choices=tuple(tenerv.MATRICES),
+                   help="colour matrix when --frames is a .yuv/.y4m file (default: %(default)s)")
     b = sub.add_parser("bench", help="time the built-in coder on a file's weights and on synthetic ones")
     b.add_argument("file", help="a .tnrv file")
-    b.add_argument("--repeats", type=int, default=5, help="timing runs; the best counts")
+    b.add_argument("--repeats", type=int, default=5, help="timing runs; the best counts (default: %(default)s)")
     args = p.parse_args(argv)
     try:
         if args.cmd == "bench":
@@ -681,6 +694,11 @@ def main(argv=None):
             cmd_decode(args)
     except (ValueError, FileNotFoundError) as e:  # FormatError is a ValueError
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # one line, no traceback; every file is written whole or not at all
+        print({"encode": f"interrupted: {args.output} was not written; run the same command again",
+               "decode": f"interrupted: {getattr(args, 'out', '')} holds only some of the frames; run the same command again",
+               "bench": "interrupted"}[args.cmd], file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

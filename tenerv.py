@@ -18,6 +18,7 @@ import math
 import os
 import pathlib
 import re
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -756,7 +757,8 @@ def config_from_dict(d):
 
 
 def load_checkpoint(path, device="cpu"):
-    """Rebuild a model from a checkpoint (its config is inside). Never unpickles objects."""
+    """(model, ckpt): the model rebuilt from a checkpoint's own config, and the checkpoint dict
+    (config, stage, model, optimizer, state). Never unpickles objects."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
     cfg = config_from_dict(ckpt["config"])
     model = TeNeRV(cfg, stage=ckpt["stage"]).to(device)
@@ -854,8 +856,8 @@ class Progress:
 
 
 def train(cfg, frames, out_dir, device, resume=False, log=print):
-    """Two-stage training of Sec. III-C; writes out_dir/ckpt.pt and metrics.json, returns the model."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Two-stage training of Sec. III-C; writes out_dir/ckpt.pt, returns (model, state). Ctrl-C saves the
+    last finished epoch and raises KeyboardInterrupt("interrupted at epoch e/E")."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     T = cfg.n_frames
     E, E1 = cfg.epochs, stage1_epochs(cfg)
@@ -864,6 +866,7 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
     n_steps = E * steps_per_epoch
 
     if not resume:
+        os.makedirs(out_dir, exist_ok=True)  # only now: a failed --resume leaves no empty folder
         torch.manual_seed(cfg.seed)
         model = TeNeRV(cfg).to(device)
         optimizer = make_optimizer(model, device)
@@ -944,8 +947,8 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
             save_atomic(last, ckpt_path)
     except KeyboardInterrupt:
         save_atomic(last, ckpt_path)  # the last finished epoch, never a half-updated model
-        progress.say(f"interrupted: {ckpt_path} holds epoch {last['state']['epoch']}; continue with --resume")
-        raise
+        progress.end_line()
+        raise KeyboardInterrupt(f"interrupted at epoch {last['state']['epoch']}/{E}") from None
     return model, state
 
 
@@ -975,32 +978,93 @@ def save_frames(recon, folder):
 def make_parser():
     d = TeNeRVConfig()
     p = argparse.ArgumentParser(description="Train a TeNeRV model on a video and report its quality.")
-    p.add_argument("--frames", required=True, help="folder of PNG/JPEG frames, or a raw 8-bit YUV 4:2:0 .yuv file")
-    p.add_argument("--size", default=None, help="WxH of a .yuv file (else read from a _WxH in its name)")
-    p.add_argument("--params", default="0.3M", help="parameters of the final model, e.g. 3M, 0.3M, 300K")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="total epochs of both stages")
-    p.add_argument("--gops", type=int, default=d.gops, help="K, number of GoPs (0 = T/16, at most 8, fewer if the copies would take > 5%% of --params)")
-    p.add_argument("--min-gop", type=int, default=d.min_gop, help="L_min of Algorithm 1, frames (0 = T/(2K))")
-    p.add_argument("--window", type=int, default=d.window, help="l, IFF window, frames (Eq. 2)")
-    p.add_argument("--strides", default="", help="upsampling strides, e.g. 5,2,2 (default: from the frame size)")
-    p.add_argument("--ablation", default="", choices=("",) + ABLATIONS, help="a variant of Table III")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="frames per training step")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak Adam learning rate")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    p.add_argument("--frames", required=True, help="folder of PNG/JPEG frames, a raw 8-bit YUV 4:2:0 .yuv file or a .y4m file")
+    p.add_argument("--size", default=None, help="WxH of a .yuv file, pixels (default: a _WxH in its name)")
+    p.add_argument("--matrix", type=int, default=DEFAULT_MATRIX, choices=tuple(MATRICES),
+                   help="colour matrix of a .yuv/.y4m file: BT.601 or BT.709 (default: %(default)s)")
+    p.add_argument("--params", default=f"{d.params / 1e6:g}M", help="parameters of the final model, e.g. 3M, 0.3M, 300K (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="total epochs of both stages (default: %(default)s)")
+    p.add_argument("--gops", type=int, default=d.gops, help="K, number of GoPs (default: T/16, 1 to 8, fewer if the copies would take > 5%% of --params)")
+    p.add_argument("--min-gop", type=int, default=d.min_gop, help="L_min of Algorithm 1, frames (default: T/(2K))")
+    p.add_argument("--window", type=int, default=d.window, help="l, IFF window, frames (Eq. 2) (default: %(default)s)")
+    p.add_argument("--strides", default="", help="upsampling strides, e.g. 5,2,2 (default: chosen from the frame size)")
+    p.add_argument("--ablation", default="full", choices=("full",) + ABLATIONS,  # "full" is the config's ""
+                   help="the full TeNeRV or a variant of Table III (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="frames per training step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak Adam learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<frames name>_<params>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="where to train")
+    p.add_argument("--force", action="store_true", help="train anew even if --out holds a run, overwriting it")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="where to train (default: %(default)s)")
     p.add_argument("--save-frames", action="store_true", help="write the reconstruction to RUN/frames/")
     p.add_argument("--dry-run", action="store_true", help="print the configuration and parameter count, then exit")
     return p
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = make_parser().parse_args(argv)
+    out_given = args.out is not None
     try:
         run(args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:  # one line, no traceback: how to go on
+        if e.args and os.path.exists(os.path.join(args.out, "ckpt.pt")):
+            again = [a for a in argv if a != "--force"] + ([] if out_given else ["--out", args.out])
+            again += [] if args.resume else ["--resume"]
+            print(f"{e.args[0]}; continue with: python {shlex.join([os.path.relpath(__file__)] + again)}", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def check_writable(path, flag, folder):
+    """Fail now, not after training: `path`, a folder (made if missing) or a file, can be written."""
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise ValueError(f"{flag} {path}: is a {'file' if folder else 'folder'}; pass {'a folder' if folder else 'a file name'}")
+    where = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    if not folder and not os.path.isdir(where):
+        raise ValueError(f"{flag} {path}: the folder {os.path.dirname(path)} does not exist; create it or write elsewhere")
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    if not (os.path.isdir(where) and os.access(where, os.W_OK | os.X_OK)):
+        raise ValueError(f"{flag} {path}: cannot write in {where}; pass another {flag}")
+
+
+def describe(cfg):
+    """The configuration read for people: what --params chose and what training will do."""
+    with torch.device("meta"):  # shapes only
+        model, one_gop = TeNeRV(cfg, stage=2), TeNeRV(replace(cfg, gops=1), stage=2)
+    n = {key: sum(p.numel() for name, p in one_gop.named_parameters() if name.startswith(key))
+         for key in ("grids.", "gop_grid", "iff.", "")}  # "": all
+    total, K, S = count_params(cfg), cfg.gops, math.prod(cfg.strides)
+    E, E1 = cfg.epochs, min(cfg.epochs, stage1_epochs(cfg))
+
+    def csv(xs):
+        return ", ".join(map(str, xs))
+
+    def epochs(a, b):  # epochs a..b, 1-based
+        return plural(b - a + 1, "epoch") + (f" ({a}-{b})" if b > a else f" ({a})" if b == a else "")
+
+    crop = f", cropped to {cfg.width}x{cfg.height}" if (cfg.base_w * S, cfg.base_h * S) != (cfg.width, cfg.height) else ""
+    return [f"grid: {cfg.base_w}x{cfg.base_h} cells, strides {csv(cfg.strides)} (x{S}) to {cfg.base_w * S}x{cfg.base_h * S}{crop}",
+            f"grid levels: {len(model.grids.levels)} over T + l - 1 = {model.grids.n_positions} positions ({cfg.grid_stride} "
+            f"per finest cell): {csv(g.shape[0] for g in model.grids.levels)} cells in time, "
+            f"{csv(g.shape[1] for g in model.grids.levels)} channels",
+            f"blocks: channels {' -> '.join(map(str, block_dims(cfg)))}, depths {csv(cfg.depths)}, MLP expansions {csv(cfg.expansions)}",
+            f"GoPs: K = {K}, L_min = {plural(cfg.min_gop, 'frame')}, IFF window l = {model.window}"
+            + (f", ablation {cfg.ablation} (Table III)" if cfg.ablation else ""),
+            f"stage 1: {epochs(1, E1)}, one GoP for all frames, L1 loss",
+            f"stage 2: {epochs(E1 + 1, E)}, {plural(K, 'GoP')}, {cfg.l1_weight} L1 + {cfg.msssim_weight} (1 - MS-SSIM) loss"
+            + ("" if E > E1 else " (raise --epochs to train it)"),
+            f"optimiser: Adam, peak lr {cfg.lr:g} (grids x{cfg.grid_lr:g}), {cfg.warmup:.0%} warm-up then cosine, "
+            f"{plural(cfg.batch_size, 'frame')} per step, seed {cfg.seed}",
+            f"size: base grids {n['grids.']} + GoP grid {n['gop_grid']} + IFF windows {n['iff.']} + network "
+            f"{n[''] - n['grids.'] - n['gop_grid'] - n['iff.']}" + (f" + copies for {plural(K - 1, 'more GoP')} "
+                                                                   f"{total - n['']}" if K > 1 else "") + f" (--params {cfg.params})",
+            f"parameters: {total}"]
 
 
 def run(args):
@@ -1012,33 +1076,43 @@ def run(args):
         strides = tuple(int(s) for s in args.strides.split(",")) if args.strides else ()
     except ValueError:
         raise ValueError(f"--strides {args.strides!r}: expected integers separated by commas, e.g. 5,2,2") from None
+    if any(s < 1 for s in strides):
+        raise ValueError(f"--strides {args.strides}: every stride must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is available; use --device cpu")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           args.device if args.device != "auto" else "cpu")
-    frames = load_frames(args.frames, args.size)
+    ablation = "" if args.ablation == "full" else args.ablation
+    name = os.path.basename(os.path.normpath(args.frames)).split(".")[0]
+    args.out = args.out or os.path.join("runs", f"{name}_{args.params}{'_' + ablation if ablation else ''}")
+    if not args.dry_run:
+        check_writable(args.out, "--out", folder=True)
+        if os.path.exists(os.path.join(args.out, "ckpt.pt")) and not (args.resume or args.force):
+            done = os.path.exists(os.path.join(args.out, "metrics.json"))
+            raise ValueError(f"--out {args.out}: holds a {'finished' if done else 'started'} run; continue it with --resume, "
+                             f"pass a new --out, or add --force to overwrite it")
+    frames = load_frames(args.frames, args.size, args.matrix)
     T, _, H, W = frames.shape
     cfg = size_model(TeNeRVConfig(
         n_frames=T, height=H, width=W, params=parse_params(args.params), strides=strides,
-        gops=args.gops, min_gop=args.min_gop, window=args.window, ablation=args.ablation,
+        gops=args.gops, min_gop=args.min_gop, window=args.window, ablation=ablation,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed))
-    n_params = count_params(cfg)
-    print(f"frames: {T} x {W}x{H} from {args.frames}")
-    print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
-    print(f"parameters: {n_params}")
+    print(f"video: {plural(T, 'frame')} of {W}x{H} from {args.frames}")
+    print("\n".join(describe(cfg)))
     if args.dry_run:
         return
-    name = os.path.basename(os.path.normpath(args.frames)).split(".")[0]
-    out = args.out or os.path.join("runs", f"{name}_{args.params}{'_' + args.ablation if args.ablation else ''}")
-    print(f"run folder: {out}  device: {device}")
-    metrics = fit(cfg, frames, out, device, frames_path=args.frames, size=args.size, resume=args.resume,
-                  save=args.save_frames)
+    print(f"run folder: {args.out}  device: {device}")
+    if args.force and not args.resume and os.path.exists(os.path.join(args.out, "metrics.json")):
+        os.remove(os.path.join(args.out, "metrics.json"))  # the old run's: it no longer describes ckpt.pt
+    metrics = fit(cfg, frames, args.out, device, frames_path=args.frames, size=args.size, resume=args.resume,
+                  save=args.save_frames, matrix=args.matrix if os.path.isfile(args.frames) else None)
     print(f"PSNR {metrics['psnr']:.2f} dB  MS-SSIM {metrics['msssim']:.4f}  params {metrics['params']}  "
-          f"{metrics['seconds_per_epoch']:.1f} s/epoch  decode {metrics['decode_fps']:.1f} frames/s  -> {out}/metrics.json")
+          f"{metrics['seconds_per_epoch']:.1f} s/epoch  decode {metrics['decode_fps']:.1f} frames/s  -> {args.out}/metrics.json")
 
 
-def fit(cfg, frames, out, device, frames_path=None, size=None, resume=False, save=False, log=print):
-    """Train, evaluate, write out/metrics.json (and out/frames/ if save); returns the metrics."""
+def fit(cfg, frames, out, device, frames_path=None, size=None, resume=False, save=False, log=print, matrix=None):
+    """Train, evaluate, write out/metrics.json (and out/frames/ if save); returns the metrics. frames_path,
+    size and matrix (of a .yuv/.y4m file) go into the metrics, for compress.py to read the frames again."""
     T, _, H, W = frames.shape
     model, state = train(cfg, frames, out, device, resume=resume, log=log)
     p, m, fps, recon = evaluate(model, frames, device)
@@ -1047,7 +1121,7 @@ def fit(cfg, frames, out, device, frames_path=None, size=None, resume=False, sav
                    divergence=state["divergence"], epochs=state["epoch"], train_seconds=state["train_seconds"],
                    seconds_per_epoch=state["train_seconds"] / max(1, len(state["history"])),
                    decode_fps=fps, device=str(device), history=state["history"], config=asdict(cfg),
-                   frames=frames_path and os.path.abspath(frames_path), size=size)
+                   frames=frames_path and os.path.abspath(frames_path), size=size, matrix=matrix)
     write_json_atomic(metrics, os.path.join(out, "metrics.json"))
     if save:
         save_frames(recon, os.path.join(out, "frames"))
