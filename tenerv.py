@@ -1011,12 +1011,12 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:  # one line, no traceback: how to go on
-        if e.args and os.path.exists(os.path.join(args.out, "ckpt.pt")):
+        what = e.args[0] if e.args else "interrupted"  # train() says at which epoch
+        if args.out and os.path.exists(os.path.join(args.out, "ckpt.pt")) and (e.args or not args.force):
             again = [a for a in argv if a != "--force"] + ([] if out_given else ["--out", args.out])
             again += [] if args.resume else ["--resume"]
-            print(f"{e.args[0]}; continue with: python {shlex.join([os.path.relpath(__file__)] + again)}", file=sys.stderr)
-        else:
-            print("interrupted", file=sys.stderr)
+            what += f"; continue with: python {shlex.join([os.path.relpath(__file__)] + again)}"
+        print(what, file=sys.stderr)
         sys.exit(130)
 
 
@@ -1085,9 +1085,12 @@ def run(args):
     ablation = "" if args.ablation == "full" else args.ablation
     name = os.path.basename(os.path.normpath(args.frames)).split(".")[0]
     args.out = args.out or os.path.join("runs", f"{name}_{args.params}{'_' + ablation if ablation else ''}")
-    if not args.dry_run:
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    if not args.dry_run:  # the run folder, now rather than after loading the frames
         check_writable(args.out, "--out", folder=True)
-        if os.path.exists(os.path.join(args.out, "ckpt.pt")) and not (args.resume or args.force):
+        if args.resume and not os.path.exists(ckpt):
+            raise FileNotFoundError(f"{ckpt}: no checkpoint to resume; run without --resume to start")
+        if os.path.exists(ckpt) and not (args.resume or args.force):
             done = os.path.exists(os.path.join(args.out, "metrics.json"))
             raise ValueError(f"--out {args.out}: holds a {'finished' if done else 'started'} run; continue it with --resume, "
                              f"pass a new --out, or add --force to overwrite it")
