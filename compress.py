@@ -54,10 +54,13 @@ import tenerv
 MAGIC = b"TNRV"
 FORMAT_VERSION = 1
 QAT_BITS = 8                      # not in the paper (Sec. IV-D names QAT, not the bit depth)
+QAT_EPOCHS = 30                   # Sec. IV-D
 QMAX = 2 ** (QAT_BITS - 1) - 1    # symmetric: q in [-127, 127]
 ROWS_MIN = 256                    # per-slice scales only for slices of >= this many values
 SMALL = 4096                      # tensors with fewer values go to the SMAL section
 CODERS = {0: "raw", 1: "zstd", 2: "rANS"}
+MAGICS = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"PK\x03\x04": "a zip file or a PyTorch checkpoint",
+          b"YUV4": "a .y4m video", b"\x28\xb5\x2f\xfd": "a zstd file"}  # what a wrong file may be, for the error
 
 
 class FormatError(ValueError):
@@ -111,27 +114,39 @@ def qat(model, frames, epochs, device, lr_scale=0.1, log=print):
     optimizer = torch.optim.Adam(params.values(), lr=0.0)
     frames_dev = frames.to(device)
     T = cfg.n_frames
-    n_steps = max(1, epochs * math.ceil(T / cfg.batch_size))
+    n_batches = math.ceil(T / cfg.batch_size)
+    n_steps = max(1, epochs * n_batches)
     step = 0
     model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(T, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        total = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no GPU sync per step
-        for t in order.split(cfg.batch_size):
-            # not in the paper: QAT at a tenth of the training learning rate, cosine to 0
-            lr = cfg.lr * lr_scale * 0.5 * (1 + math.cos(math.pi * step / n_steps))
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            t = t.to(device)
-            target = frames_dev[t].float() / 255
-            out = torch.func.functional_call(model, {n: fake_quantize(p) for n, p in params.items()}, (t,))
-            loss = tenerv.distortion(out, target, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * len(t)
-            step += 1
-        log(f"QAT epoch {epoch + 1}/{epochs} loss {total.item() / T:.4f}")
+    progress = tenerv.Progress(epochs, log)
+    try:
+        for epoch in range(epochs):
+            order = torch.randperm(T, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+            # on the device: no GPU sync per step
+            tot_loss, tot_psnr = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(2))
+            for j, t in enumerate(order.split(cfg.batch_size)):
+                # not in the paper: QAT at a tenth of the training learning rate, cosine to 0
+                lr = cfg.lr * lr_scale * 0.5 * (1 + math.cos(math.pi * step / n_steps))
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                t = t.to(device)
+                target = frames_dev[t].float() / 255
+                out = torch.func.functional_call(model, {n: fake_quantize(p) for n, p in params.items()}, (t,))
+                loss = tenerv.distortion(out, target, cfg)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                tot_loss += loss.detach() * len(t)
+                tot_psnr += tenerv.psnr(out.detach().clamp(0, 1), target).sum()  # of the 8-bit model
+                step += 1
+                if progress.due():
+                    n = j * cfg.batch_size + len(t)
+                    progress.update(epoch, j + 1, n_batches, tot_loss.item() / n, tot_psnr.item() / n, "QAT")
+            progress.update(epoch, n_batches, n_batches, tot_loss.item() / T, tot_psnr.item() / T, "QAT",
+                            final=not progress.tty or epoch + 1 == epochs)
+    except KeyboardInterrupt:
+        progress.end_line()
+        raise
     return model
 
 
@@ -311,12 +326,27 @@ def smallest(raw, force=None):
     return 0, raw
 
 
+def tag_name(tag):
+    """A section tag for people: BIG_ as it is, unprintable bytes (a damaged file) in hex."""
+    return tag.decode() if all(32 < b < 127 for b in tag) else tag.hex(" ").upper()
+
+
+def shape_text(shape):
+    return "x".join(map(str, shape))
+
+
+def video_text(shape):
+    """(T, 3, H, W) -> '16 frames of 320x180'."""
+    return f"{tenerv.plural(shape[0], 'frame')} of {shape[-1]}x{shape[-2]}"
+
+
 def read_sections(data):
     if len(data) < HEAD.size:
         raise FormatError(f"truncated: {len(data)} bytes is shorter than the {HEAD.size}-byte file header")
     magic, version, n = HEAD.unpack_from(data, 0)
     if magic != MAGIC:
-        raise FormatError(f"not a TeNeRV file: magic {magic!r}, expected {MAGIC!r}")
+        guess = next((f" ({what}?)" for m, what in MAGICS.items() if data.startswith(m)), "")
+        raise FormatError(f"not a TeNeRV file: it starts with {magic.hex(' ').upper()}{guess}, not {MAGIC.decode()}")
     if version > FORMAT_VERSION:
         raise FormatError(f"file format version {version} is newer than this decoder ({FORMAT_VERSION}); update compress.py")
     if version < 1:
@@ -328,19 +358,19 @@ def read_sections(data):
         tag, coder, raw_len, stored_len, crc = SECTION.unpack_from(data, pos)
         pos += SECTION.size
         if pos + stored_len > len(data):
-            raise FormatError(f"truncated: section {tag!r} needs {stored_len} bytes, {len(data) - pos} remain")
+            raise FormatError(f"truncated: section {tag_name(tag)} needs {stored_len} bytes, {len(data) - pos} remain")
         stored = data[pos: pos + stored_len]
         pos += stored_len
         if zlib.crc32(stored) != crc:
-            raise FormatError(f"corrupted: section {tag!r} fails its CRC32 check")
+            raise FormatError(f"corrupted: section {tag_name(tag)} fails its CRC32 check")
         if coder not in CODERS:
-            raise FormatError(f"corrupted: section {tag!r} names unknown coder {coder}")
+            raise FormatError(f"corrupted: section {tag_name(tag)} names unknown coder {coder}")
         sections[tag] = (coder, raw_len, stored)
     if pos != len(data):
         raise FormatError(f"corrupted: {len(data) - pos} unexpected bytes after the last section")
     for tag in (b"CONF", b"TENS", b"BIG_", b"SMAL"):
         if tag not in sections:
-            raise FormatError(f"corrupted: section {tag!r} is missing")
+            raise FormatError(f"corrupted: section {tag_name(tag)} is missing")
     return sections
 
 
@@ -442,11 +472,11 @@ def decode_model(data, device="cpu"):
         coder, raw_len, stored = sections[tag]
         sizes = [math.prod(e[1]) for e in mine]
         if raw_len != sum(sizes):
-            raise FormatError(f"corrupted: section {tag!r} holds {raw_len} values, the tensors need {sum(sizes)}")
+            raise FormatError(f"corrupted: section {tag_name(tag)} holds {raw_len} values, the tensors need {sum(sizes)}")
         if coder == 2:
             sym = RANSCoder(sizes, [(e[4], e[5]) for e in mine]).decode(stored, raw_len)
         else:
-            sym = np.frombuffer(unpack_plain(coder, raw_len, stored, f"section {tag!r}"), np.uint8)
+            sym = np.frombuffer(unpack_plain(coder, raw_len, stored, f"section {tag_name(tag)}"), np.uint8)
         streams[key] = np.split(sym, np.cumsum(sizes)[:-1]) if mine else []
     model = tenerv.TeNeRV(cfg, stage=1)
     model.split_gops(boundaries)
@@ -455,8 +485,12 @@ def decode_model(data, device="cpu"):
     for name, shape, where, scale, lo, hi in entries:
         v = streams[where][index[where]]
         index[where] += 1
-        if name not in expected or tuple(expected[name].shape) != tuple(shape) or len(scale) != n_scales(shape):
-            raise FormatError(f"corrupted: tensor {name} {tuple(shape)} does not fit the model")
+        if name not in expected:
+            raise FormatError(f"corrupted: tensor {name} does not fit the model (it has no such tensor)")
+        want = expected[name].shape
+        if tuple(want) != tuple(shape) or len(scale) != n_scales(shape):
+            raise FormatError(f"corrupted: tensor {name} of {shape_text(shape)} with {len(scale)} scales does not fit "
+                              f"the model ({shape_text(want)} with {n_scales(want)})")
         q = torch.from_numpy(v.astype(np.int16) - 128).to(torch.int8).reshape(shape)
         state[name] = dequantize(q, torch.from_numpy(scale))
     if set(state) != set(expected):
@@ -505,9 +539,14 @@ def metrics_against(model, frames, device):
 # -----------------------------------------------------------------------------
 # Command line
 
-def encode_run(run, output, qat_epochs=30, coder="auto", frames_path=None, size=None, json_path=None,
-               device="auto", log=print):
-    """QAT of a finished tenerv.py run, then the .tnrv file; returns (and writes to JSON) the report."""
+def encode_run(run, output, qat_epochs=QAT_EPOCHS, coder="auto", frames_path=None, size=None, json_path=None,
+               device="auto", log=print, matrix=None):
+    """QAT of a finished tenerv.py run, then the .tnrv file; returns (and writes to JSON) the report.
+    The frames are the run's (its metrics.json says where, and the size and matrix of a .yuv/.y4m)
+    unless frames_path is given."""
+    json_path = json_path or os.path.splitext(output)[0] + ".json"
+    tenerv.check_writable(output, "-o", folder=False)  # now, not after the QAT epochs
+    tenerv.check_writable(json_path, "--json", folder=False)
     ckpt = os.path.join(run, "ckpt.pt")
     if not os.path.exists(ckpt):
         raise FileNotFoundError(f"{ckpt}: not found; pass a run folder written by tenerv.py")
@@ -520,21 +559,20 @@ def encode_run(run, output, qat_epochs=30, coder="auto", frames_path=None, size=
         meta = os.path.join(run, "metrics.json")
         if os.path.exists(meta):
             m = json.loads(pathlib.Path(meta).read_text())
-            frames_path, size = m.get("frames"), m.get("size")
+            frames_path, size, matrix = m.get("frames"), m.get("size"), matrix or m.get("matrix")
     if frames_path is None:
         raise ValueError(f"{run}: the run does not say where its frames are; pass --frames")
-    frames = tenerv.load_frames(frames_path, size)
+    frames = tenerv.load_frames(frames_path, size, matrix or tenerv.DEFAULT_MATRIX)
     cfg = model.cfg
     if tuple(frames.shape) != (cfg.n_frames, 3, cfg.height, cfg.width):
-        raise ValueError(f"{frames_path}: {frames.shape[0]} frames of {frames.shape[3]}x{frames.shape[2]}, but the run was "
-                         f"trained on {cfg.n_frames} of {cfg.width}x{cfg.height}")
+        raise ValueError(f"{frames_path}: {video_text(frames.shape)}, but the run was trained on "
+                         f"{video_text((cfg.n_frames, 3, cfg.height, cfg.width))}")
     boundaries = saved["state"]["boundaries"]
     psnr_float = metrics_against(model, frames, device)[0]
     log(f"float model: PSNR {psnr_float:.2f} dB")
     torch.manual_seed(cfg.seed)
     qat(model, frames, qat_epochs, device, log=log)
     data, report = encode_model(model.cpu(), boundaries, coder)
-    write_bytes_atomic(data, output)
     decoded, _ = decode_model(data)
     p, m, fps, _ = metrics_against(decoded, frames, torch.device("cpu"))
     T, H, W = cfg.n_frames, cfg.height, cfg.width
@@ -547,8 +585,9 @@ def encode_run(run, output, qat_epochs=30, coder="auto", frames_path=None, size=
                  f"{s['zstd_or_raw_bytes']} B)") if "rans_bytes" in s else ""
         log(f"section {tag}: {s['bytes']} bytes, coder {s['coder']}{extra}")
     log("bytes per component: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in report["shares"].items()))
+    write_bytes_atomic(data, output)  # both files at the end: Ctrl-C before here leaves nothing half-written
+    tenerv.write_json_atomic(result, json_path)
     log(f"{output}: {len(data)} bytes, {result['bpp']:.4f} bpp, PSNR {p:.2f} dB (float {psnr_float:.2f} dB), MS-SSIM {m:.4f}")
-    tenerv.write_json_atomic(result, json_path or os.path.splitext(output)[0] + ".json")
     return result
 
 
@@ -564,18 +603,19 @@ def decode_file(path):
 
 
 def cmd_encode(args):
-    encode_run(args.run, args.output, args.qat_epochs, args.coder, args.frames, None, args.json, args.device)
+    encode_run(args.run, args.output, args.qat_epochs, args.coder, args.frames, args.size, args.json, args.device,
+               matrix=args.matrix)
 
 
 def cmd_decode(args):
+    tenerv.check_writable(args.out, "--out", folder=True)
     model, recon, fps = decode_file(args.file)
     tenerv.save_frames(recon, args.out)
-    cfg = model.cfg
-    print(f"decoded {cfg.n_frames} frames of {cfg.width}x{cfg.height} to {args.out} at {fps:.1f} frames/s")
+    print(f"decoded {video_text(recon.shape)} to {args.out} at {fps:.1f} frames/s")
     if args.frames:
-        frames = tenerv.load_frames(args.frames, args.size)
+        frames = tenerv.load_frames(args.frames, args.size, args.matrix)
         if tuple(frames.shape) != tuple(recon.shape):
-            raise ValueError(f"{args.frames}: {tuple(frames.shape)} frames do not match the decoded {tuple(recon.shape)}")
+            raise ValueError(f"{args.frames}: {video_text(frames.shape)} do not match the decoded {video_text(recon.shape)}")
         p, m = tenerv.quality(recon, frames)  # the reconstruction again: no second forward pass
         print(f"PSNR {p.mean().item():.2f} dB  MS-SSIM {m:.4f}  against {args.frames}")
 
@@ -619,20 +659,26 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("encode", help="8-bit QAT, then write the bitstream")
     e.add_argument("run", help="run folder written by tenerv.py")
-    e.add_argument("-o", "--output", required=True, help="the .tnrv file to write")
-    e.add_argument("--qat-epochs", type=int, default=30, help="epochs of quantization-aware training (Sec. IV-D: 30)")
-    e.add_argument("--coder", default="auto", choices=("auto", "zstd"), help="auto: rANS or zstd per section, whichever is smaller")
+    e.add_argument("-o", "--output", required=True, help="the .tnrv file to write (its folder must exist)")
+    e.add_argument("--qat-epochs", type=int, default=QAT_EPOCHS, help="epochs of quantization-aware training (default: %(default)s, Sec. IV-D)")
+    e.add_argument("--coder", default="auto", choices=("auto", "zstd"),
+                   help="auto: rANS or zstd per section, whichever is smaller (default: %(default)s)")
     e.add_argument("--frames", default=None, help="the original frames (default: the run's)")
+    e.add_argument("--size", default=None, help="WxH when --frames is a .yuv file, pixels")
+    e.add_argument("--matrix", type=int, default=None, choices=tuple(tenerv.MATRICES),
+                   help=f"colour matrix of .yuv/.y4m frames (default: the run's, else {tenerv.DEFAULT_MATRIX})")
     e.add_argument("--json", default=None, help="where to write the report (default: next to the output)")
-    e.add_argument("--device", default="auto", choices=("auto", "cpu"), help="where to run QAT")
+    e.add_argument("--device", default="auto", choices=("auto", "cpu"), help="where to run QAT (default: %(default)s)")
     d = sub.add_parser("decode", help="rebuild the frames from a .tnrv file")
     d.add_argument("file", help="a .tnrv file")
-    d.add_argument("--out", required=True, help="folder for the PNG frames")
+    d.add_argument("--out", required=True, help="folder for the PNG frames (made if missing)")
     d.add_argument("--frames", default=None, help="original frames: also report PSNR and MS-SSIM")
-    d.add_argument("--size", default=None, help="WxH when --frames is a .yuv file")
+    d.add_argument("--size", default=None, help="WxH when --frames is a .yuv file, pixels")
+    d.add_argument("--matrix", type=int, default=tenerv.DEFAULT_MATRIX, choices=tuple(tenerv.MATRICES),
+                   help="colour matrix when --frames is a .yuv/.y4m file (default: %(default)s)")
     b = sub.add_parser("bench", help="time the built-in coder on a file's weights and on synthetic ones")
     b.add_argument("file", help="a .tnrv file")
-    b.add_argument("--repeats", type=int, default=5, help="timing runs; the best counts")
+    b.add_argument("--repeats", type=int, default=5, help="timing runs; the best counts (default: %(default)s)")
     args = p.parse_args(argv)
     try:
         if args.cmd == "bench":
@@ -649,6 +695,11 @@ def main(argv=None):
             cmd_decode(args)
     except (ValueError, FileNotFoundError) as e:  # FormatError is a ValueError
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # one line, no traceback; every file is written whole or not at all
+        print({"encode": f"interrupted: {args.output} was not written; run the same command again",
+               "decode": f"interrupted: {getattr(args, 'out', '')} holds only some of the frames; run the same command again",
+               "bench": "interrupted"}[args.cmd], file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -57,7 +58,7 @@ CODECS = {
     # not in the paper: vvenc's "medium" preset (its slower ones take many times longer)
     "vvc": ("libvvenc", ["-preset", "medium"], "vvc", "23|24", "-qp"),
 }
-KR, KB = 0.2126, 0.0722  # BT.709; tenerv.yuv420_to_rgb is the inverse
+KR, KB = tenerv.MATRICES[709]  # BT.709; tenerv.yuv420_to_rgb is the inverse
 
 
 # -----------------------------------------------------------------------------
@@ -183,37 +184,50 @@ def code_with(exe, codec, setting, planes, size, chroma, work):
 # -----------------------------------------------------------------------------
 # TeNeRV points
 
-def tenerv_run(frames, frames_path, size, budget, args, out, device):
-    """Train (or reuse) the run for one budget, compress it (or reuse the file); returns the .tnrv path."""
+def planned_run(frames, budget, args):
+    """(config, run folder, finished?) of one budget: a finished run with the same configuration,
+    frames, size and matrix is reused."""
     T, _, H, W = frames.shape
     cfg = tenerv.size_model(tenerv.TeNeRVConfig(n_frames=T, height=H, width=W, params=tenerv.parse_params(budget),
-                                                epochs=args.epochs or tenerv.TeNeRVConfig.epochs))
-    run = os.path.join(out, f"tenerv_{budget}")
+                                                epochs=args.epochs))
+    run = os.path.join(args.out, f"tenerv_{budget}")
     meta = os.path.join(run, "metrics.json")
-    done = False
-    if os.path.exists(meta):
-        m = json.loads(pathlib.Path(meta).read_text())
-        done = (m.get("config") == json.loads(json.dumps(asdict(cfg)))
-                and m.get("frames") == os.path.abspath(frames_path) and m.get("size") == size)
+    if not os.path.exists(meta):
+        return cfg, run, False
+    m = json.loads(pathlib.Path(meta).read_text())
+    return cfg, run, (m.get("config") == json.loads(json.dumps(asdict(cfg))) and m.get("frames") == os.path.abspath(args.frames)
+                      and m.get("size") == args.size and m.get("matrix") == yuv_matrix(args))
+
+
+def yuv_matrix(args):
+    """The colour matrix the frames were read with, for a .yuv/.y4m file (None for images)."""
+    return args.matrix if os.path.isfile(args.frames) else None
+
+
+def tenerv_run(frames, plan, args, device):
+    """Train (or reuse) the run of one budget, compress it (or reuse the file); returns the .tnrv path."""
+    cfg, run, done = plan
     if done:
         print(f"{run}: reusing the finished run")
     else:
-        print(f"{run}: training {budget} for {cfg.epochs} epochs")
-        tenerv.fit(cfg, frames, run, device, frames_path=frames_path, size=size)
+        print(f"{run}: training for {tenerv.plural(cfg.epochs, 'epoch')}")
+        tenerv.fit(cfg, frames, run, device, frames_path=args.frames, size=args.size, matrix=yuv_matrix(args))
     path, report = run + ".tnrv", run + ".json"
-    fresh = (os.path.exists(path) and os.path.exists(report) and os.path.getmtime(path) > os.path.getmtime(meta)
+    fresh = (os.path.exists(path) and os.path.exists(report)
+             and os.path.getmtime(path) > os.path.getmtime(os.path.join(run, "metrics.json"))
              and json.loads(pathlib.Path(report).read_text()).get("qat_epochs") == args.qat_epochs)
     if fresh:
         print(f"{path}: reusing the compressed file")
     else:
-        compress.encode_run(run, path, args.qat_epochs, frames_path=frames_path, size=size, log=lambda s: None)
+        compress.encode_run(run, path, args.qat_epochs, frames_path=args.frames, size=args.size, log=lambda s: None,
+                            matrix=args.matrix)
     return path
 
 
 def decoded_tenerv(path, shape):
     model, recon, _ = compress.decode_file(path)
     if tuple(recon.shape) != tuple(shape):
-        raise ValueError(f"{path}: decodes to {tuple(recon.shape)} frames, but --frames has {tuple(shape)}")
+        raise ValueError(f"{path}: decodes to {compress.video_text(recon.shape)}, but --frames has {compress.video_text(shape)}")
     return (recon.numpy() * 255).round().astype(np.uint8), f"{tenerv.count_params(model.cfg)} params"
 
 
@@ -221,7 +235,8 @@ def decoded_tenerv(path, shape):
 # The whole evaluation
 
 def evaluate(args):
-    frames = tenerv.load_frames(args.frames, args.size)
+    tenerv.check_writable(args.out, "--out", folder=True)
+    frames = tenerv.load_frames(args.frames, args.size, args.matrix)
     T, _, H, W = frames.shape
     if args.chroma == "420" and (H % 2 or W % 2):
         raise ValueError(f"{args.frames}: {W}x{H} has an odd side, which 4:2:0 cannot hold; use --chroma 444")
@@ -239,6 +254,12 @@ def evaluate(args):
         settings = [int(s) for s in args.crf.split(",") if s]
     except ValueError:
         raise ValueError(f"--crf {args.crf!r}: expected integers separated by commas, e.g. 22,27,32,37") from None
+    plans = [planned_run(frames, b, args) for b in budgets]
+    todo = [run for _, run, done in plans if not done]
+    if todo:  # this can take hours: say so before it starts
+        print(f"rd.py will train {tenerv.plural(len(todo), 'run')} of {tenerv.plural(args.epochs, 'epoch')} each "
+              f"({', '.join(todo)}), then {args.qat_epochs} QAT epochs each; every run prints its time after its first "
+              f"epoch, and a rerun of this command reuses the finished ones")
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     ref = frames.numpy()
@@ -252,7 +273,7 @@ def evaluate(args):
         print(f"{codec:9s} {str(setting):>16s}  {row['bpp']:.4f} bpp  RGB {row['psnr_rgb']:.2f} dB  "
               f"YUV {row['psnr_yuv']:.2f} dB  MS-SSIM {row['msssim']:.4f}")
 
-    for path in [tenerv_run(frames, args.frames, args.size, b, args, args.out, device) for b in budgets] + tnrv:
+    for path in [tenerv_run(frames, plan, args, device) for plan in plans] + tnrv:
         rgb, setting = decoded_tenerv(path, frames.shape)
         add("TeNeRV", setting, os.path.getsize(path), rgb, rgb_to_yuv(rgb, args.chroma))
 
@@ -329,6 +350,7 @@ def plot(rows, path, title):
             ax.plot([r["bpp"] for r in rs], [r[key] for r in rs], **style)
     for ax, label in zip(axes, ("PSNR RGB (dB)", "PSNR YUV 6:1:1 (dB)", "MS-SSIM (RGB)")):
         ax.set_xscale("log")
+        log_ticks(ax)
         ax.set_xlabel("bpp")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -341,28 +363,47 @@ def plot(rows, path, title):
     compress.write_bytes_atomic(buf.getvalue(), path)
 
 
+def log_ticks(ax):
+    """Log-scale bpp ticks as plain decimals, as many as fit: matplotlib's own (2x10^-1, 3x10^-1, ...
+    within a decade) overlapped."""
+    lo, hi = ax.get_xlim()
+    decades = math.log10(hi / lo)
+    subs = (1,) if decades > 3 else (1, 2, 5) if decades > 0.8 else (1, 1.5, 2, 3, 4, 5, 6, 8)
+    ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in subs]
+    ticks = [t for t in ticks if lo <= t <= hi]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xticks([], minor=True)
+    ax.set_xlim(lo, hi)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Rate-distortion of TeNeRV against x264, x265 and VVC on your frames.")
-    p.add_argument("--frames", required=True, help="folder of PNG/JPEG frames, or a raw 8-bit YUV 4:2:0 .yuv file")
-    p.add_argument("--size", default=None, help="WxH of a .yuv file (else read from a _WxH in its name)")
+    p.add_argument("--frames", required=True, help="folder of PNG/JPEG frames, a raw 8-bit YUV 4:2:0 .yuv file or a .y4m file")
+    p.add_argument("--size", default=None, help="WxH of a .yuv file, pixels (default: a _WxH in its name)")
+    p.add_argument("--matrix", type=int, default=tenerv.DEFAULT_MATRIX, choices=tuple(tenerv.MATRICES),
+                   help="colour matrix of a .yuv/.y4m file: BT.601 or BT.709 (default: %(default)s)")
     p.add_argument("--params", default="", help="TeNeRV budgets to train and compress, e.g. 0.1M,0.2M,0.4M,0.8M")
-    p.add_argument("--epochs", type=int, default=0, help="training epochs per budget (default: tenerv.py's)")
-    p.add_argument("--qat-epochs", type=int, default=30, help="QAT epochs per budget (compress.py's default)")
+    p.add_argument("--epochs", type=int, default=tenerv.TeNeRVConfig.epochs, help="training epochs per budget (default: %(default)s)")
+    p.add_argument("--qat-epochs", type=int, default=compress.QAT_EPOCHS, help="QAT epochs per budget (default: %(default)s)")
     p.add_argument("--tnrv", default="", help="existing .tnrv files of these frames to score, comma-separated")
-    p.add_argument("--codecs", default=",".join(CODECS), help=f"any of {', '.join(CODECS)}")
-    p.add_argument("--crf", default="22,27,32,37,42,47", help="CRF of x264/x265 and QP of VVC, comma-separated")
-    p.add_argument("--chroma", default="420", choices=("420", "444"), help="chroma format the codecs get")
+    p.add_argument("--codecs", default=",".join(CODECS), help=f"any of {', '.join(CODECS)} (default: %(default)s)")
+    p.add_argument("--crf", default="22,27,32,37,42,47", help="CRF of x264/x265 and QP of VVC, comma-separated (default: %(default)s)")
+    p.add_argument("--chroma", default="420", choices=("420", "444"), help="chroma format the codecs get (default: %(default)s)")
     p.add_argument("--ffmpeg", default=None, help="ffmpeg executable (default: PATH, then imageio-ffmpeg's)")
     p.add_argument("--out", default=None, help="folder for runs, rd.csv, rd.png, bd.json (default: runs/rd_<frames>)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu"), help="where TeNeRV trains")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu"), help="where TeNeRV trains (default: %(default)s)")
     args = p.parse_args(argv)
     args.out = args.out or os.path.join("runs", "rd_" + os.path.basename(os.path.normpath(args.frames)).split(".")[0])
     try:
-        if args.epochs < 0 or args.qat_epochs < 0:
-            raise ValueError("--epochs and --qat-epochs must not be negative")
+        if args.epochs < 1 or args.qat_epochs < 0:
+            raise ValueError(f"--epochs {args.epochs} --qat-epochs {args.qat_epochs}: need at least 1 epoch and 0 or more QAT epochs")
         return evaluate(args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:  # one line, no traceback
+        print(f"{e.args[0] if e.args else 'interrupted'}; run the same command again to go on: the finished runs and "
+              f"files in {args.out} are reused (an unfinished run starts over)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import math
 import os
 import pathlib
 import re
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -89,24 +90,28 @@ def parse_params(text):
 
 
 # -----------------------------------------------------------------------------
-# Frames in: PNG/JPEG folders and raw 8-bit YUV 4:2:0 files
+# Frames in: PNG/JPEG folders, raw 8-bit YUV 4:2:0 files (.yuv) and YUV4MPEG2 files (.y4m)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 MIN_SIDE = 16  # MS-SSIM needs at least one scale: a side > 10 px with an 11-tap window
+MATRICES = {601: (0.299, 0.114), 709: (0.2126, 0.0722)}  # (K_R, K_B) of BT.601 and BT.709
+DEFAULT_MATRIX = 709  # UVG and the HEVC test clips are BT.709; a .yuv or .y4m file does not say
 
 
 def natural_key(name):
     return [int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", name)]
 
 
-def load_frames(path, size=None):
-    """Frames as a uint8 tensor (T, 3, H, W) in RGB, from a folder of images or a .yuv file."""
+def load_frames(path, size=None, matrix=DEFAULT_MATRIX):
+    """Frames as a uint8 tensor (T, 3, H, W) in RGB, from a folder of images, a .yuv or a .y4m file."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file or folder; pass a folder of PNG/JPEG frames or a .yuv file")
+        raise FileNotFoundError(f"{path}: no such file or folder; pass a folder of PNG/JPEG frames, a .yuv or a .y4m file")
     if os.path.isfile(path):
-        if not path.lower().endswith(".yuv"):
-            raise ValueError(f"{path}: not a folder and not a .yuv file; pass a folder of PNG/JPEG frames or a raw 8-bit YUV 4:2:0 .yuv file")
-        frames = load_yuv420(path, size)
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in (".yuv", ".y4m"):
+            raise ValueError(f"{path}: not a folder and not a .yuv file, nor a .y4m one; pass a folder of PNG/JPEG frames, "
+                             f"a raw 8-bit YUV 4:2:0 .yuv file or a YUV4MPEG2 .y4m file")
+        frames = torch.from_numpy(yuv420_to_rgb(*(load_y4m if ext == ".y4m" else load_yuv420)(path, size), matrix))
     else:
         names = sorted((n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)), key=natural_key)
         if not names:
@@ -129,17 +134,28 @@ def load_frames(path, size=None):
     return frames
 
 
-def load_yuv420(path, size=None):
-    """Raw planar 8-bit YUV 4:2:0 (I420, limited range) -> RGB with BT.709, as UVG and HEVC ship."""
-    if size is None:
-        m = re.search(r"_(\d+)x(\d+)", os.path.basename(path))
-        if not m:
-            raise ValueError(f"{path}: frame size unknown; pass --size WxH or name the file like clip_1920x1080.yuv")
-        size = f"{m.group(1)}x{m.group(2)}"
+def parse_size(size):
     m = re.fullmatch(r"(\d+)x(\d+)", size)
     if not m:
         raise ValueError(f"--size {size!r}: expected WxH, e.g. 1920x1080")
-    W, H = int(m.group(1)), int(m.group(2))
+    return int(m.group(1)), int(m.group(2))
+
+
+def split_planes(raw, W, H, f):
+    """uint8 frames (T, bytes) -> planes Y (T, H, W), U, V (T, H/f, W/f): I420 for f = 2, 4:4:4 for f = 1."""
+    n, c = W * H, W * H // f ** 2
+    return (raw[:, :n].reshape(-1, H, W), raw[:, n: n + c].reshape(-1, H // f, W // f),
+            raw[:, n + c: n + 2 * c].reshape(-1, H // f, W // f))
+
+
+def load_yuv420(path, size=None):
+    """Raw planar 8-bit YUV 4:2:0 (I420), as UVG and HEVC ship -> planes Y, U, V."""
+    if size is None:
+        m = re.search(r"_(\d+x\d+)", os.path.basename(path))
+        if not m:
+            raise ValueError(f"{path}: frame size unknown; pass --size WxH or name the file like clip_1920x1080.yuv")
+        size = m.group(1)
+    W, H = parse_size(size)
     if W % 2 or H % 2 or W == 0 or H == 0:
         raise ValueError(f"--size {size}: 4:2:0 needs an even, non-zero width and height")
     frame_bytes = W * H * 3 // 2
@@ -147,25 +163,55 @@ def load_yuv420(path, size=None):
     if n_bytes == 0 or n_bytes % frame_bytes:
         raise ValueError(f"{path}: {n_bytes} bytes is not a whole number of {W}x{H} YUV 4:2:0 frames "
                          f"({frame_bytes} bytes each); check --size")
-    raw = np.fromfile(path, dtype=np.uint8).reshape(-1, frame_bytes)
-    y = raw[:, : W * H].reshape(-1, H, W)
-    u = raw[:, W * H: W * H * 5 // 4].reshape(-1, H // 2, W // 2)
-    v = raw[:, W * H * 5 // 4:].reshape(-1, H // 2, W // 2)
-    return torch.from_numpy(yuv420_to_rgb(y, u, v))
+    return split_planes(np.fromfile(path, dtype=np.uint8).reshape(-1, frame_bytes), W, H, 2)
 
 
-def yuv420_to_rgb(y, u, v):
-    """uint8 planes Y (T, H, W), U, V (T, H/2, W/2), BT.709 limited range -> uint8 RGB (T, 3, H, W).
-    U, V of the full size (4:4:4) are taken as they are."""
+def load_y4m(path, size=None):
+    """YUV4MPEG2 -> planes Y, U, V: a header line 'YUV4MPEG2 W320 H180 F25:1 Ip C420jpeg ...', then per
+    frame a line 'FRAME...' and the planes. 8-bit 4:2:0 or 4:4:4, progressive, limited range; the
+    header has no colour matrix (the caller's --matrix says it)."""
+    raw = pathlib.Path(path).read_bytes()
+    fields = raw[: max(0, raw.find(b"\n"))].decode("latin-1").split()
+    tags = {f[0]: f[1:] for f in fields[1:]}  # X tags repeat (XYSCSS=420JPEG XCOLORRANGE=LIMITED): read from fields
+    C, I, W, H = tags.get("C", "420jpeg"), tags.get("I", "p"), tags.get("W", ""), tags.get("H", "")
+    fix = "; convert it: ffmpeg -i IN -vf scale=out_range=tv -pix_fmt yuv420p OUT.y4m"
+    if fields[:1] != ["YUV4MPEG2"] or not (W.isdigit() and H.isdigit()):
+        raise ValueError(f"{path}: no YUV4MPEG2 header with a width and height (W320 H180)" + fix)
+    bits = re.search(r"p(\d+)$", C)
+    if C not in ("420", "420jpeg", "420paldv", "420mpeg2", "444") or "XCOLORRANGE=FULL" in fields:
+        raise ValueError(f"{path}: C{C}{f' ({bits[1]}-bit)' if bits else ''}{' full range' if 'XCOLORRANGE=FULL' in fields else ''}; "
+                         f"this reader takes 8-bit 4:2:0 or 4:4:4 in limited range" + fix)
+    if I not in ("p", "?"):
+        raise ValueError(f"{path}: interlaced frames (I{I}); deinterlace them: ffmpeg -i IN -vf bwdif=mode=send_frame OUT.y4m")
+    W, H, f = int(W), int(H), 1 if C == "444" else 2
+    if size and parse_size(size) != (W, H):
+        raise ValueError(f"--size {size}: the .y4m header says {W}x{H}; drop --size")
+    if W % f or H % f or W == 0 or H == 0:
+        raise ValueError(f"{path}: {W}x{H} 4:2:0 frames; this reader needs an even, non-zero width and height")
+    frame_bytes, pos, frames = W * H + 2 * (W // f) * (H // f), raw.find(b"\n") + 1, []
+    while pos < len(raw):
+        start = raw.find(b"\n", pos) + 1  # the planes start after the FRAME line
+        if not raw.startswith(b"FRAME", pos) or start == 0 or start + frame_bytes > len(raw):
+            raise ValueError(f"{path}: frame {len(frames)} is damaged or cut short (a FRAME line, then {frame_bytes} bytes)")
+        frames.append(np.frombuffer(raw, np.uint8, frame_bytes, start))
+        pos = start + frame_bytes
+    if not frames:
+        raise ValueError(f"{path}: the YUV4MPEG2 file holds no frames")
+    return split_planes(np.stack(frames), W, H, f)
+
+
+def yuv420_to_rgb(y, u, v, matrix=DEFAULT_MATRIX):
+    """uint8 planes Y (T, H, W), U, V (T, H/2, W/2), limited range, BT.601 or BT.709 -> uint8 RGB
+    (T, 3, H, W). U, V of the full size (4:4:4) are taken as they are."""
     f = 1 if u.shape == y.shape else 2
     y = y.astype(np.float32)
     u = u.astype(np.float32).repeat(f, axis=1).repeat(f, axis=2)  # not in the paper: nearest chroma upsampling
     v = v.astype(np.float32).repeat(f, axis=1).repeat(f, axis=2)
-    # BT.709 limited range: Y in [16, 235], Cb/Cr in [16, 240]
+    # limited range: Y in [16, 235], Cb/Cr in [16, 240]
     y, u, v = (y - 16) / 219, (u - 128) / 224, (v - 128) / 224
-    r = y + 1.5748 * v
-    g = y - 0.1873 * u - 0.4681 * v
-    b = y + 1.8556 * u
+    kr, kb = MATRICES[matrix]
+    r, b = y + 2 * (1 - kr) * v, y + 2 * (1 - kb) * u
+    g = (y - kr * r - kb * b) / (1 - kr - kb)
     rgb = np.stack([r, g, b], axis=1)
     return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
 
@@ -739,7 +785,8 @@ def config_from_dict(d):
 
 
 def load_checkpoint(path, device="cpu"):
-    """Rebuild a model from a checkpoint (its config is inside). Never unpickles objects."""
+    """(model, ckpt): the model rebuilt from a checkpoint's own config, and the checkpoint dict
+    (config, stage, model, optimizer, state). Never unpickles objects."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
     cfg = config_from_dict(ckpt["config"])
     model = TeNeRV(cfg, stage=ckpt["stage"]).to(device)
@@ -783,13 +830,25 @@ def evaluate(model, frames, device):
     return *quality(recon, frames), fps, recon
 
 
+def hms(seconds):
+    """A duration as m:ss or h:mm:ss."""
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 class Progress:
     """One line that updates in place on a terminal, one line per epoch through `log` otherwise
-    (a caller's own `log` always gets one line per epoch, never the terminal's in-place line)."""
+    (a caller's own `log` always gets one line per epoch, never the terminal's in-place line).
+    The ETA counts from `start`, the first epoch of this session (a resumed run starts later)."""
 
-    def __init__(self, n_epochs, log=print):
-        self.n_epochs, self.t0, self.log = n_epochs, time.time(), log
+    def __init__(self, n_epochs, log=print, start=0):
+        self.n_epochs, self.start, self.t0 = n_epochs, start, time.time()
         self.tty = log is print and sys.stdout.isatty()
+        self.log = (lambda s: print(s, flush=True)) if log is print else log  # a log file shows each epoch as it ends
         self.open_line = False  # the terminal line is mid-update (no newline yet)
         self.drawn = 0.0        # when the terminal line was last drawn
 
@@ -797,22 +856,25 @@ class Progress:
         """Redraw the terminal line now? At most 4 times a second (each read of the loss syncs a GPU)."""
         return self.tty and time.time() - self.drawn >= 0.25
 
-    def say(self, message):
-        """A message of its own line, after ending an in-place progress line."""
+    def end_line(self):
+        """End an in-place progress line, before other output."""
         if self.open_line:
             print()
             self.open_line = False
+
+    def say(self, message):
+        """A message of its own line, after ending an in-place progress line."""
+        self.end_line()
         self.log(message)
 
-    def update(self, epoch, done, total, loss, psnr_db, stage, final=False):
+    def update(self, epoch, done, total, loss, psnr_db, what, final=False):
         if not (self.tty or final):
             return
-        elapsed = time.time() - self.t0
         frac = (epoch + done / total) / self.n_epochs
-        eta = elapsed / max(frac, 1e-9) * (1 - frac) if frac > 0 else 0
+        ran = (epoch - self.start + done / total) / max(1, self.n_epochs - self.start)  # of this session's epochs
+        eta = (time.time() - self.t0) / max(ran, 1e-9) * (1 - ran)
         bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-        line = (f"[{bar}] epoch {epoch + 1}/{self.n_epochs} stage {stage} loss {loss:.4f} "
-                f"psnr {psnr_db:.2f} dB  ETA {eta / 60:.1f} min")
+        line = f"[{bar}] epoch {epoch + 1}/{self.n_epochs} {what} loss {loss:.4f} psnr {psnr_db:.2f} dB  ETA {hms(eta)}"
         if self.tty:
             self.drawn = time.time()
             print("\r" + line, end="\n" if final else "", flush=True)
@@ -822,8 +884,8 @@ class Progress:
 
 
 def train(cfg, frames, out_dir, device, resume=False, log=print):
-    """Two-stage training of Sec. III-C; writes out_dir/ckpt.pt and metrics.json, returns the model."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Two-stage training of Sec. III-C; writes out_dir/ckpt.pt, returns (model, state). Ctrl-C saves the
+    last finished epoch and raises KeyboardInterrupt("interrupted at epoch e/E")."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     T = cfg.n_frames
     E, E1, E_l1 = cfg.epochs, stage1_epochs(cfg), l1_only_epochs(cfg)
@@ -832,6 +894,7 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
     n_steps = E * steps_per_epoch
 
     if not resume:
+        os.makedirs(out_dir, exist_ok=True)  # only now: a failed --resume leaves no empty folder
         torch.manual_seed(cfg.seed)
         model = TeNeRV(cfg).to(device)
         optimizer = make_optimizer(model, device)
@@ -858,9 +921,10 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
     model.channels_last = use_amp
     last = snapshot()
     last_write = time.time()
-    progress = Progress(E, log)
+    first = state["epoch"]
+    progress = Progress(E, log, start=first)
     try:
-        for epoch in range(state["epoch"], E):
+        for epoch in range(first, E):
             t_epoch = time.time()
             if epoch >= E1 and model.stage == 1:
                 optimizer = stage_switch(model, optimizer, state, device, progress.say)
@@ -886,26 +950,33 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
                 tot_psnr += psnr(out.detach().clamp(0, 1), target).sum()
                 if progress.due():
                     n = j * cfg.batch_size + len(t)
-                    progress.update(epoch, j + 1, steps_per_epoch, tot_loss.item() / n, tot_psnr.item() / n, model.stage)
+                    progress.update(epoch, j + 1, steps_per_epoch, tot_loss.item() / n, tot_psnr.item() / n,
+                                    f"stage {model.stage}")
             epoch_loss, epoch_psnr = tot_loss.item() / T, tot_psnr.item() / T
             state["epoch"] = epoch + 1
             state["train_seconds"] += time.time() - t_epoch
             state["history"].append(dict(epoch=epoch + 1, stage=model.stage, loss=epoch_loss, psnr=epoch_psnr,
                                          seconds=time.time() - t_epoch))
-            progress.update(epoch, steps_per_epoch, steps_per_epoch, epoch_loss, epoch_psnr, model.stage,
+            progress.update(epoch, steps_per_epoch, steps_per_epoch, epoch_loss, epoch_psnr, f"stage {model.stage}",
                             final=not progress.tty or epoch + 1 == E)
             last = snapshot()
             if time.time() - last_write >= cfg.checkpoint_seconds or epoch + 1 == E:
                 save_atomic(last, ckpt_path)
                 last_write = time.time()
+            took, left = state["history"][-1]["seconds"], E - epoch - 1
+            if left and (epoch == first or epoch == E1 > first):  # the duration, as soon as it can be told
+                whole = "the whole run" if epoch == 0 else f"the {plural(left, 'epoch')} left"
+                later = f"; stage 2's epochs are slower, a new estimate after epoch {E1 + 1}" if epoch < E1 < E else ""
+                progress.say(f"epoch {epoch + 1}/{E}{', the first of stage 2,' if epoch == E1 else ''} took {took:.3g} s: "
+                             f"about {hms(took * (left + (epoch == 0)))} for {whole}{later}")
         if model.stage == 1:  # fewer epochs than stage 1 needs: still end with the stage-2 model
             optimizer = stage_switch(model, optimizer, state, device, progress.say)
             last = snapshot()
             save_atomic(last, ckpt_path)
     except KeyboardInterrupt:
         save_atomic(last, ckpt_path)  # the last finished epoch, never a half-updated model
-        progress.say(f"interrupted: {ckpt_path} holds epoch {last['state']['epoch']}; continue with --resume")
-        raise
+        progress.end_line()
+        raise KeyboardInterrupt(f"interrupted at epoch {last['state']['epoch']}/{E}") from None
     return model, state
 
 
@@ -920,7 +991,7 @@ def stage_switch(model, optimizer, state, device, log):
     else:
         boundaries = partition_gops(D.tolist(), cfg.gops, cfg.min_gop)
     state["divergence"], state["boundaries"] = D.tolist(), boundaries
-    log(f"stage 2: {cfg.gops} GoPs starting at frames {[0] + boundaries}")
+    log(f"stage 2: {plural(cfg.gops, 'GoP')} starting at frame{'s' if boundaries else ''} {', '.join(map(str, [0] + boundaries))}")
     return split_model(model, optimizer, boundaries, device)
 
 
@@ -937,32 +1008,94 @@ def save_frames(recon, folder):
 def make_parser():
     d = TeNeRVConfig()
     p = argparse.ArgumentParser(description="Train a TeNeRV model on a video and report its quality.")
-    p.add_argument("--frames", required=True, help="folder of PNG/JPEG frames, or a raw 8-bit YUV 4:2:0 .yuv file")
-    p.add_argument("--size", default=None, help="WxH of a .yuv file (else read from a _WxH in its name)")
-    p.add_argument("--params", default="0.3M", help="parameters of the final model, e.g. 3M, 0.3M, 300K")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="total epochs of both stages")
-    p.add_argument("--gops", type=int, default=d.gops, help="K, number of GoPs (0 = T/16, at most 8, fewer if the copies would take > 5%% of --params)")
-    p.add_argument("--min-gop", type=int, default=d.min_gop, help="L_min of Algorithm 1, frames (0 = T/(2K))")
-    p.add_argument("--window", type=int, default=d.window, help="l, IFF window, frames (Eq. 2)")
-    p.add_argument("--strides", default="", help="upsampling strides, e.g. 5,2,2 (default: from the frame size)")
-    p.add_argument("--ablation", default="", choices=("",) + ABLATIONS, help="a variant of Table III")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="frames per training step")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak Adam learning rate")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    p.add_argument("--frames", required=True, help="folder of PNG/JPEG frames, a raw 8-bit YUV 4:2:0 .yuv file or a .y4m file")
+    p.add_argument("--size", default=None, help="WxH of a .yuv file, pixels (default: a _WxH in its name)")
+    p.add_argument("--matrix", type=int, default=DEFAULT_MATRIX, choices=tuple(MATRICES),
+                   help="colour matrix of a .yuv/.y4m file: BT.601 or BT.709 (default: %(default)s)")
+    p.add_argument("--params", default=f"{d.params / 1e6:g}M", help="parameters of the final model, e.g. 3M, 0.3M, 300K (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="total epochs of both stages (default: %(default)s)")
+    p.add_argument("--gops", type=int, default=d.gops, help="K, number of GoPs (default: T/16, 1 to 8, fewer if the copies would take > 5%% of --params)")
+    p.add_argument("--min-gop", type=int, default=d.min_gop, help="L_min of Algorithm 1, frames (default: T/(2K))")
+    p.add_argument("--window", type=int, default=d.window, help="l, IFF window, frames (Eq. 2) (default: %(default)s)")
+    p.add_argument("--strides", default="", help="upsampling strides, e.g. 5,2,2 (default: chosen from the frame size)")
+    p.add_argument("--ablation", default="full", choices=("full",) + ABLATIONS,  # "full" is the config's ""
+                   help="the full TeNeRV or a variant of Table III (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="frames per training step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak Adam learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<frames name>_<params>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="where to train")
+    p.add_argument("--force", action="store_true", help="train anew even if --out holds a run, overwriting it")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="where to train (default: %(default)s)")
     p.add_argument("--save-frames", action="store_true", help="write the reconstruction to RUN/frames/")
     p.add_argument("--dry-run", action="store_true", help="print the configuration and parameter count, then exit")
     return p
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = make_parser().parse_args(argv)
+    out_given = args.out is not None
     try:
         run(args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:  # one line, no traceback: how to go on
+        what = e.args[0] if e.args else "interrupted"  # train() says at which epoch
+        if args.out and os.path.exists(os.path.join(args.out, "ckpt.pt")) and (e.args or not args.force):
+            again = [a for a in argv if a != "--force"] + ([] if out_given else ["--out", args.out])
+            again += [] if args.resume else ["--resume"]
+            what += f"; continue with: python {shlex.join([os.path.relpath(__file__)] + again)}"
+        print(what, file=sys.stderr)
+        sys.exit(130)
+
+
+def check_writable(path, flag, folder):
+    """Fail now, not after training: `path`, a folder (made if missing) or a file, can be written."""
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise ValueError(f"{flag} {path}: is a {'file' if folder else 'folder'}; pass {'a folder' if folder else 'a file name'}")
+    where = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    if not folder and not os.path.isdir(where):
+        raise ValueError(f"{flag} {path}: the folder {os.path.dirname(path)} does not exist; create it or write elsewhere")
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    if not (os.path.isdir(where) and os.access(where, os.W_OK | os.X_OK)):
+        raise ValueError(f"{flag} {path}: cannot write in {where}; pass another {flag}")
+
+
+def describe(cfg):
+    """The configuration read for people: what --params chose and what training will do."""
+    with torch.device("meta"):  # shapes only
+        model, one_gop = TeNeRV(cfg, stage=2), TeNeRV(replace(cfg, gops=1), stage=2)
+    n = {key: sum(p.numel() for name, p in one_gop.named_parameters() if name.startswith(key))
+         for key in ("grids.", "gop_grid", "iff.", "")}  # "": all
+    total, K, S = count_params(cfg), cfg.gops, math.prod(cfg.strides)
+    E, E1, E_l1 = cfg.epochs, min(cfg.epochs, stage1_epochs(cfg)), min(cfg.epochs, l1_only_epochs(cfg))
+
+    def csv(xs):
+        return ", ".join(map(str, xs))
+
+    def epochs(a, b):  # epochs a..b, 1-based
+        return plural(b - a + 1, "epoch") + (f" ({a}-{b})" if b > a else f" ({a})" if b == a else "")
+
+    crop = f", cropped to {cfg.width}x{cfg.height}" if (cfg.base_w * S, cfg.base_h * S) != (cfg.width, cfg.height) else ""
+    return [f"grid: {cfg.base_w}x{cfg.base_h} cells, strides {csv(cfg.strides)} (x{S}) to {cfg.base_w * S}x{cfg.base_h * S}{crop}",
+            f"grid levels: {len(model.grids.levels)} over T + l - 1 = {model.grids.n_positions} positions ({cfg.grid_stride} "
+            f"per finest cell): {csv(g.shape[0] for g in model.grids.levels)} cells in time, "
+            f"{csv(g.shape[1] for g in model.grids.levels)} channels",
+            f"blocks: channels {' -> '.join(map(str, block_dims(cfg)))}, depths {csv(cfg.depths)}, MLP expansions {csv(cfg.expansions)}",
+            f"GoPs: K = {K}, L_min = {plural(cfg.min_gop, 'frame')}, IFF window l = {model.window}"
+            + (f", ablation {cfg.ablation} (Table III)" if cfg.ablation else ""),
+            f"stage 1: {epochs(1, E1)}, one GoP for all frames",
+            f"stage 2: {epochs(E1 + 1, E)}, {plural(K, 'GoP')}" + ("" if E > E1 else " (raise --epochs to train it)"),
+            (f"loss: L1 for {epochs(1, E_l1)}, then " if E_l1 else "loss: ")
+            + f"{cfg.l1_weight} L1 + {cfg.msssim_weight} (1 - MS-SSIM)",
+            f"optimiser: Adam, peak lr {cfg.lr:g} (grids x{cfg.grid_lr:g}), {cfg.warmup:.0%} warm-up then cosine, "
+            f"{plural(cfg.batch_size, 'frame')} per step, seed {cfg.seed}",
+            f"size: base grids {n['grids.']} + GoP grid {n['gop_grid']} + IFF windows {n['iff.']} + network "
+            f"{n[''] - n['grids.'] - n['gop_grid'] - n['iff.']}" + (f" + copies for {plural(K - 1, 'more GoP')} "
+                                                                   f"{total - n['']}" if K > 1 else "") + f" (--params {cfg.params})",
+            f"parameters: {total}"]
 
 
 def run(args):
@@ -974,33 +1107,46 @@ def run(args):
         strides = tuple(int(s) for s in args.strides.split(",")) if args.strides else ()
     except ValueError:
         raise ValueError(f"--strides {args.strides!r}: expected integers separated by commas, e.g. 5,2,2") from None
+    if any(s < 1 for s in strides):
+        raise ValueError(f"--strides {args.strides}: every stride must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is available; use --device cpu")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           args.device if args.device != "auto" else "cpu")
-    frames = load_frames(args.frames, args.size)
+    ablation = "" if args.ablation == "full" else args.ablation
+    name = os.path.basename(os.path.normpath(args.frames)).split(".")[0]
+    args.out = args.out or os.path.join("runs", f"{name}_{args.params}{'_' + ablation if ablation else ''}")
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    if not args.dry_run:  # the run folder, now rather than after loading the frames
+        check_writable(args.out, "--out", folder=True)
+        if args.resume and not os.path.exists(ckpt):
+            raise FileNotFoundError(f"{ckpt}: no checkpoint to resume; run without --resume to start")
+        if os.path.exists(ckpt) and not (args.resume or args.force):
+            done = os.path.exists(os.path.join(args.out, "metrics.json"))
+            raise ValueError(f"--out {args.out}: holds a {'finished' if done else 'started'} run; continue it with --resume, "
+                             f"pass a new --out, or add --force to overwrite it")
+    frames = load_frames(args.frames, args.size, args.matrix)
     T, _, H, W = frames.shape
     cfg = size_model(TeNeRVConfig(
         n_frames=T, height=H, width=W, params=parse_params(args.params), strides=strides,
-        gops=args.gops, min_gop=args.min_gop, window=args.window, ablation=args.ablation,
+        gops=args.gops, min_gop=args.min_gop, window=args.window, ablation=ablation,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed))
-    n_params = count_params(cfg)
-    print(f"frames: {T} x {W}x{H} from {args.frames}")
-    print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
-    print(f"parameters: {n_params}")
+    print(f"video: {plural(T, 'frame')} of {W}x{H} from {args.frames}")
+    print("\n".join(describe(cfg)))
     if args.dry_run:
         return
-    name = os.path.basename(os.path.normpath(args.frames)).split(".")[0]
-    out = args.out or os.path.join("runs", f"{name}_{args.params}{'_' + args.ablation if args.ablation else ''}")
-    print(f"run folder: {out}  device: {device}")
-    metrics = fit(cfg, frames, out, device, frames_path=args.frames, size=args.size, resume=args.resume,
-                  save=args.save_frames)
+    print(f"run folder: {args.out}  device: {device}")
+    if args.force and not args.resume and os.path.exists(os.path.join(args.out, "metrics.json")):
+        os.remove(os.path.join(args.out, "metrics.json"))  # the old run's: it no longer describes ckpt.pt
+    metrics = fit(cfg, frames, args.out, device, frames_path=args.frames, size=args.size, resume=args.resume,
+                  save=args.save_frames, matrix=args.matrix if os.path.isfile(args.frames) else None)
     print(f"PSNR {metrics['psnr']:.2f} dB  MS-SSIM {metrics['msssim']:.4f}  params {metrics['params']}  "
-          f"{metrics['seconds_per_epoch']:.1f} s/epoch  decode {metrics['decode_fps']:.1f} frames/s  -> {out}/metrics.json")
+          f"{metrics['seconds_per_epoch']:.1f} s/epoch  decode {metrics['decode_fps']:.1f} frames/s  -> {args.out}/metrics.json")
 
 
-def fit(cfg, frames, out, device, frames_path=None, size=None, resume=False, save=False, log=print):
-    """Train, evaluate, write out/metrics.json (and out/frames/ if save); returns the metrics."""
+def fit(cfg, frames, out, device, frames_path=None, size=None, resume=False, save=False, log=print, matrix=None):
+    """Train, evaluate, write out/metrics.json (and out/frames/ if save); returns the metrics. frames_path,
+    size and matrix (of a .yuv/.y4m file) go into the metrics, for compress.py to read the frames again."""
     T, _, H, W = frames.shape
     model, state = train(cfg, frames, out, device, resume=resume, log=log)
     p, m, fps, recon = evaluate(model, frames, device)
@@ -1009,7 +1155,7 @@ def fit(cfg, frames, out, device, frames_path=None, size=None, resume=False, sav
                    divergence=state["divergence"], epochs=state["epoch"], train_seconds=state["train_seconds"],
                    seconds_per_epoch=state["train_seconds"] / max(1, len(state["history"])),
                    decode_fps=fps, device=str(device), history=state["history"], config=asdict(cfg),
-                   frames=frames_path and os.path.abspath(frames_path), size=size)
+                   frames=frames_path and os.path.abspath(frames_path), size=size, matrix=matrix)
     write_json_atomic(metrics, os.path.join(out, "metrics.json"))
     if save:
         save_frames(recon, os.path.join(out, "frames"))
