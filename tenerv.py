@@ -1014,6 +1014,10 @@ def make_parser():
                    help="colour matrix of a .yuv/.y4m file: BT.601 or BT.709 (default: %(default)s)")
     p.add_argument("--params", default=f"{d.params / 1e6:g}M", help="parameters of the final model, e.g. 3M, 0.3M, 300K (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="total epochs of both stages (default: %(default)s)")
+    p.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs,
+                   help="stage-1 epochs per 300 of --epochs; not in the paper (default: %(default)s)")
+    p.add_argument("--l1-epochs", type=int, default=d.l1_epochs,
+                   help="L1-only epochs per 300 of --epochs, Sec. IV-A (default: %(default)s)")
     p.add_argument("--gops", type=int, default=d.gops, help="K, number of GoPs (default: T/16, 1 to 8, fewer if the copies would take > 5%% of --params)")
     p.add_argument("--min-gop", type=int, default=d.min_gop, help="L_min of Algorithm 1, frames (default: T/(2K))")
     p.add_argument("--window", type=int, default=d.window, help="l, IFF window, frames (Eq. 2) (default: %(default)s)")
@@ -1103,6 +1107,9 @@ def run(args):
         raise ValueError(f"--epochs {args.epochs}: must be at least 1")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
+    for flag, n in (("--pretrain-epochs", args.pretrain_epochs), ("--l1-epochs", args.l1_epochs)):
+        if not 0 <= n <= 300:
+            raise ValueError(f"{flag} {n}: epochs per 300 of --epochs, between 0 and 300")
     try:
         strides = tuple(int(s) for s in args.strides.split(",")) if args.strides else ()
     except ValueError:
@@ -1130,7 +1137,8 @@ def run(args):
     cfg = size_model(TeNeRVConfig(
         n_frames=T, height=H, width=W, params=parse_params(args.params), strides=strides,
         gops=args.gops, min_gop=args.min_gop, window=args.window, ablation=ablation,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed))
+        epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, l1_epochs=args.l1_epochs,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed))
     print(f"video: {plural(T, 'frame')} of {W}x{H} from {args.frames}")
     print("\n".join(describe(cfg)))
     if args.dry_run:
