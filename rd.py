@@ -3,6 +3,7 @@ rd.py: where TeNeRV stands against x264, x265 and VVC on your own frames.
 
     python rd.py --frames data/bbb320 --params 0.05M,0.1M,0.2M,0.4M --epochs 50 --out runs/rd
     python rd.py --frames clip/ --tnrv a.tnrv,b.tnrv --out runs/rd_clip   # score files you already have
+    python rd.py --frames clip/ --params 0.1M,0.2M,0.4M --ablation V1,V2,V3,V4,V5 --codecs ""   # Table III
 
 For every budget in --params, TeNeRV is trained with tenerv.py's defaults (a finished run in
 OUT/tenerv_<budget> with the same configuration is reused), compressed by compress.py (QAT, then
@@ -25,6 +26,9 @@ How it counts (the same function for every codec):
 - BD-rate and BD-PSNR (Bjontegaard, VCEG-M33): a cubic (fewer points: degree points - 1) of log
   rate in PSNR per curve, integrated over the PSNR range both curves cover. BD-rate < 0 means
   TeNeRV needs fewer bits than the codec for the same PSNR; no common range, no number.
+
+With --ablation, each variant of Table III is trained, compressed and decoded at the same budgets, and
+its BD-rate against the full model is reported with Table III's sign (> 0: the variant needs more bits).
 
 Writes OUT/rd.csv (codec, setting, bytes, bpp, psnr_rgb, psnr_yuv, psnr_y, msssim), OUT/rd.png and
 OUT/bd.json. ffmpeg is optional: the one on PATH, else the one in the imageio-ffmpeg package;
@@ -184,13 +188,18 @@ def code_with(exe, codec, setting, planes, size, chroma, work):
 # -----------------------------------------------------------------------------
 # TeNeRV points
 
-def planned_run(frames, budget, args):
-    """(config, run folder, finished?) of one budget: a finished run with the same configuration,
-    frames, size and matrix is reused."""
+def curve_name(ablation):
+    """The curve of the full model is "TeNeRV", a variant's "TeNeRV V1" etc. (Table III)."""
+    return "TeNeRV" + (f" {ablation}" if ablation else "")
+
+
+def planned_run(frames, budget, args, ablation=""):
+    """(config, run folder, finished?) of one budget (and variant): a finished run with the same
+    configuration, frames, size and matrix is reused."""
     T, _, H, W = frames.shape
     cfg = tenerv.size_model(tenerv.TeNeRVConfig(n_frames=T, height=H, width=W, params=tenerv.parse_params(budget),
-                                                epochs=args.epochs))
-    run = os.path.join(args.out, f"tenerv_{budget}")
+                                                epochs=args.epochs, ablation=ablation))
+    run = os.path.join(args.out, f"tenerv_{ablation + '_' if ablation else ''}{budget}")
     meta = os.path.join(run, "metrics.json")
     if not os.path.exists(meta):
         return cfg, run, False
@@ -243,6 +252,12 @@ def evaluate(args):
     budgets = [b for b in args.params.split(",") if b] if args.params else []
     for b in budgets:
         tenerv.parse_params(b)  # a bad budget fails now, not after hours of training
+    variants = [v for v in args.ablation.split(",") if v]
+    for v in variants:
+        if v not in tenerv.ABLATIONS:
+            raise ValueError(f"--ablation {v!r}: unknown; choose from {', '.join(tenerv.ABLATIONS)}")
+    if variants and len(budgets) < 2:
+        raise ValueError("--ablation needs 2 or more --params budgets: a BD-rate compares two rate-distortion curves")
     tnrv = [p for p in args.tnrv.split(",") if p] if args.tnrv else []
     if not budgets and not tnrv:
         raise ValueError("nothing to evaluate for TeNeRV: pass --params (budgets to train) and/or --tnrv (files)")
@@ -254,8 +269,8 @@ def evaluate(args):
         settings = [int(s) for s in args.crf.split(",") if s]
     except ValueError:
         raise ValueError(f"--crf {args.crf!r}: expected integers separated by commas, e.g. 22,27,32,37") from None
-    plans = [planned_run(frames, b, args) for b in budgets]
-    todo = [run for _, run, done in plans if not done]
+    plans = [(v, planned_run(frames, b, args, v)) for v in [""] + variants for b in budgets]
+    todo = [run for _, (_, run, done) in plans if not done]
     if todo:  # this can take hours: say so before it starts
         print(f"rd.py will train {tenerv.plural(len(todo), 'run')} of {tenerv.plural(args.epochs, 'epoch')} each "
               f"({', '.join(todo)}), then {args.qat_epochs} QAT epochs each; every run prints its time after its first "
@@ -273,9 +288,9 @@ def evaluate(args):
         print(f"{codec:9s} {str(setting):>16s}  {row['bpp']:.4f} bpp  RGB {row['psnr_rgb']:.2f} dB  "
               f"YUV {row['psnr_yuv']:.2f} dB  MS-SSIM {row['msssim']:.4f}")
 
-    for path in [tenerv_run(frames, plan, args, device) for plan in plans] + tnrv:
+    for v, path in [(v, tenerv_run(frames, plan, args, device)) for v, plan in plans] + [("", p) for p in tnrv]:
         rgb, setting = decoded_tenerv(path, frames.shape)
-        add("TeNeRV", setting, os.path.getsize(path), rgb, rgb_to_yuv(rgb, args.chroma))
+        add(curve_name(v), setting, os.path.getsize(path), rgb, rgb_to_yuv(rgb, args.chroma))
 
     skipped = {}
     exe, encoders = find_ffmpeg(args.ffmpeg)
@@ -308,26 +323,35 @@ def evaluate(args):
     write_csv(rows, os.path.join(args.out, "rd.csv"))
     tenerv.write_json_atomic(bd, os.path.join(args.out, "bd.json"))
     plot(rows, os.path.join(args.out, "rd.png"), f"{T} frames {W}x{H}, codecs in {args.chroma[0]}:{args.chroma[1]}:{args.chroma[2]}")
+    f = lambda v, unit: "n/a" if v is None else f"{v:+.1f}{unit}"  # noqa: E731
     for codec, d in bd["vs"].items():
-        f = lambda v, unit: "n/a" if v is None else f"{v:+.1f}{unit}"  # noqa: E731
         print(f"TeNeRV vs {codec}: BD-rate {f(d['bd_rate_rgb'], '%')} (RGB), {f(d['bd_rate_yuv'], '%')} (YUV); "
               f"BD-PSNR {f(d['bd_psnr_rgb'], ' dB')} (RGB), {f(d['bd_psnr_yuv'], ' dB')} (YUV)")
+    for v, d in bd["ablation"].items():
+        print(f"{curve_name(v)} vs TeNeRV (Table III): BD-rate {f(d['bd_rate_rgb'], '%')} (RGB), "
+              f"{f(d['bd_rate_yuv'], '%')} (YUV); > 0: the variant needs more bits for the same PSNR")
     print("(n/a: a BD figure needs 2+ points on both curves and a PSNR/rate range they share)")
     print(f"wrote {args.out}/rd.csv, rd.png, bd.json")
     return rows, bd
 
 
 def bd_table(rows):
+    """BD figures of TeNeRV against each codec ("vs": < 0, TeNeRV needs fewer bits), and of each
+    variant against TeNeRV ("ablation", Table III's sign: > 0, the variant needs more bits)."""
     curve = lambda c, key: tuple(np.array([r[k] for r in rows if r["codec"] == c]) for k in ("bpp", key))  # noqa: E731
-    out = {"vs": {}}
-    for codec in dict.fromkeys(r["codec"] for r in rows if r["codec"] != "TeNeRV"):
+
+    def versus(anchor, test):
         d = {}
         for space in ("rgb", "yuv"):
-            a, b = curve(codec, f"psnr_{space}"), curve("TeNeRV", f"psnr_{space}")
-            d[f"bd_rate_{space}"] = bd_rate(a[0], a[1], b[0], b[1]) if len(b[0]) else None
-            d[f"bd_psnr_{space}"] = bd_psnr(a[0], a[1], b[0], b[1]) if len(b[0]) else None
-        out["vs"][codec] = d
-    return out
+            a, b = curve(anchor, f"psnr_{space}"), curve(test, f"psnr_{space}")
+            d[f"bd_rate_{space}"] = bd_rate(a[0], a[1], b[0], b[1]) if len(a[0]) and len(b[0]) else None
+            d[f"bd_psnr_{space}"] = bd_psnr(a[0], a[1], b[0], b[1]) if len(a[0]) and len(b[0]) else None
+        return d
+
+    names = list(dict.fromkeys(r["codec"] for r in rows))
+    variants = [n for n in names if n.startswith("TeNeRV ")]
+    return {"vs": {c: versus(c, "TeNeRV") for c in names if not c.startswith("TeNeRV")},
+            "ablation": {v.split()[1]: versus("TeNeRV", v) for v in variants}}
 
 
 def write_csv(rows, path):
@@ -345,7 +369,8 @@ def plot(rows, path, title):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for codec in dict.fromkeys(r["codec"] for r in rows):
         rs = sorted((r for r in rows if r["codec"] == codec), key=lambda r: r["bpp"])
-        style = dict(marker="o", lw=2.5 if codec == "TeNeRV" else 1.2, label=codec)
+        style = dict(marker="o", lw=2.5 if codec == "TeNeRV" else 1.2, label=codec,
+                     ls="--" if codec.startswith("TeNeRV ") else "-")  # Table III's variants dashed
         for ax, key in zip(axes, ("psnr_rgb", "psnr_yuv", "msssim")):
             ax.plot([r["bpp"] for r in rs], [r[key] for r in rs], **style)
     for ax, label in zip(axes, ("PSNR RGB (dB)", "PSNR YUV 6:1:1 (dB)", "MS-SSIM (RGB)")):
@@ -385,6 +410,8 @@ def main(argv=None):
     p.add_argument("--params", default="", help="TeNeRV budgets to train and compress, e.g. 0.1M,0.2M,0.4M,0.8M")
     p.add_argument("--epochs", type=int, default=tenerv.TeNeRVConfig.epochs, help="training epochs per budget (default: %(default)s)")
     p.add_argument("--qat-epochs", type=int, default=compress.QAT_EPOCHS, help="QAT epochs per budget (default: %(default)s)")
+    p.add_argument("--ablation", default="", help="also train and compress these variants of Table III at every budget, "
+                   "e.g. V1,V2,V3,V4,V5, and give their BD-rate against the full model")
     p.add_argument("--tnrv", default="", help="existing .tnrv files of these frames to score, comma-separated")
     p.add_argument("--codecs", default=",".join(CODECS), help=f"any of {', '.join(CODECS)} (default: %(default)s)")
     p.add_argument("--crf", default="22,27,32,37,42,47", help="CRF of x264/x265 and QP of VVC, comma-separated (default: %(default)s)")

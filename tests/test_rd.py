@@ -120,3 +120,29 @@ def test_bad_arguments_are_one_line_errors(clip, tmp_path):
         with pytest.raises(SystemExit) as e:
             rd.main(argv + ["--out", str(tmp_path / "o")])
         assert str(e.value.code).startswith("error: ") and msg in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_ablation_bd_rate_sign_follows_table_iii():
+    rows = [dict(codec=c, bpp=r, psnr_rgb=p, psnr_yuv=p + 3) for c, k in (("TeNeRV", 1.0), ("TeNeRV V1", 1.1))
+            for r, p in zip(k * RATES, PSNRS)]
+    ab = rd.bd_table(rows)["ablation"]
+    assert list(ab) == ["V1"] and ab["V1"]["bd_rate_rgb"] == pytest.approx(10, abs=1e-6)  # V1 needs 10% more bits
+
+
+def test_ablation_trains_compresses_and_compares_each_variant(clip, tmp_path, capsys):
+    folder, _, _ = clip
+    out = str(tmp_path / "abl")
+    rows, bd = rd.main(["--frames", folder, "--params", "8K,16K", "--epochs", "2", "--qat-epochs", "0",
+                        "--codecs", "", "--ablation", "V3", "--out", out])
+    assert sorted(r["codec"] for r in rows) == ["TeNeRV"] * 2 + ["TeNeRV V3"] * 2
+    assert os.path.exists(os.path.join(out, "tenerv_V3_8K.tnrv")) and os.path.exists(os.path.join(out, "tenerv_16K.tnrv"))
+    runs = {json.load(open(os.path.join(out, f"tenerv_{n}", "metrics.json")))["config"]["ablation"] for n in ("8K", "V3_16K")}
+    assert runs == {"", "V3"}
+    curve = lambda c: ([r["bpp"] for r in rows if r["codec"] == c], [r["psnr_rgb"] for r in rows if r["codec"] == c])  # noqa: E731
+    assert bd["ablation"]["V3"]["bd_rate_rgb"] == rd.bd_rate(*curve("TeNeRV"), *curve("TeNeRV V3"))
+    assert json.load(open(os.path.join(out, "bd.json")))["ablation"]["V3"] == bd["ablation"]["V3"]
+    assert "TeNeRV V3 vs TeNeRV (Table III)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="needs 2 or more --params"):
+        rd.main(["--frames", folder, "--params", "8K", "--ablation", "V3", "--out", out])
+    with pytest.raises(SystemExit, match="unknown"):
+        rd.main(["--frames", folder, "--params", "8K,16K", "--ablation", "V9", "--out", out])
