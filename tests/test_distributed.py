@@ -1,5 +1,5 @@
-"""Tests for more than one process (torchrun, gloo on the CPU). Each launches Python processes, so each
-takes several seconds."""
+"""Tests for more than one process (torchrun, gloo on the CPU) and for a corpus of clips (xargs, a SLURM
+array). Each launches Python processes, so each takes several seconds."""
 import json
 import os
 import socket
@@ -30,6 +30,8 @@ def free_port():
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
+# --- one video, two processes ----------------------------------------------------------------------
 
 def test_two_processes_of_one_frame_train_like_one_process_of_two(tmp_path):
     """torchrun, 2 processes x --batch-size 1 = 1 process x --batch-size 2: the same frames in each step,
@@ -106,3 +108,38 @@ def test_uneven_last_step_and_resume_under_torchrun(tmp_path):
         assert torch.allclose(w, r0["full"][name], rtol=0, atol=1e-4), (name, (w - r0["full"][name]).abs().max())
         assert torch.allclose(r0["full"][name], r0["resumed"][name], atol=1e-6), name
         assert torch.equal(r0["resumed"][name], r1["resumed"][name]), name  # rank 1 loaded it too
+
+
+# --- a corpus of clips: one independent run per clip --------------------------------------------------
+
+TINY_RUN = "--params 8K --strides 2,2 --epochs 2"
+
+
+def readme_command(start):
+    """The command in README.md that begins with `start`, to the end of its code block, lines joined."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    i = text.index(start)
+    return text[i:text.index("\n```", i)].replace("\\\n", " ")
+
+
+def test_a_corpus_with_xargs_and_a_slurm_array(tmp_path):
+    """The README's xargs line on two clips (one with a space in its name), two runs at once, each in its own
+    folder. The SLURM array script picks a clip by SLURM_ARRAY_TASK_ID and resumes a started run (a
+    checkpoint, no metrics yet) rather than refusing it."""
+    for name, start in (("clip a", 0), ("clip-b", 4)):
+        write_frames(str(tmp_path / "clips" / name), sample_frames(8, size=(40, 24))[start:start + 3].permute(0, 2, 3, 1).numpy())
+    os.symlink(os.path.join(REPO, "tenerv.py"), tmp_path / "tenerv.py")  # the recipes run in the repository root
+    run_env = dict(env(), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])  # `python`: this one
+    xargs = readme_command("printf '%s\\0' clips/*").replace("--params 0.3M", TINY_RUN)
+    r = subprocess.run(["sh", "-c", xargs], cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    runs = tmp_path / "runs" / "corpus"
+    for name in ("clip a", "clip-b"):
+        m = json.load(open(runs / name / "metrics.json"))
+        assert m["epochs"] == 2 and m["frames"] == str(tmp_path / "clips" / name)
+    os.remove(runs / "clip-b" / "metrics.json")
+    script = open(os.path.join(REPO, "docs", "slurm_corpus.sh")).read().replace("--params 0.3M", TINY_RUN)
+    r = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=dict(run_env, SLURM_ARRAY_TASK_ID="1"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "resuming runs/corpus/clip-b at epoch 2/2" in r.stdout and os.path.exists(runs / "clip-b" / "metrics.json")
