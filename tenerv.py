@@ -1195,7 +1195,7 @@ def run(args):
     log(f"video: {plural(T, 'frame')} of {W}x{H} from {args.frames}")
     log("\n".join(describe(cfg)))
     if world > 1:
-        log(f"torchrun: world_size {world}, {world} x {plural(cfg.batch_size, 'frame')} per step")
+        log(f"torchrun: world_size {world}, {world} processes x {plural(cfg.batch_size, 'frame')} = {world * cfg.batch_size} per step")
     if args.dry_run:
         return
     log(f"run folder: {args.out}  device: {device}")

@@ -46,7 +46,7 @@ def test_two_processes_of_one_frame_train_like_one_process_of_two(tmp_path):
                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("video: 5 frames") == 1 and two.stdout.count("PSNR") == 1  # rank 0 prints for all
-    assert "torchrun: world_size 2, 2 x 1 frame per step" in two.stdout
+    assert "torchrun: world_size 2, 2 processes x 1 frame = 2 per step" in two.stdout
     a, b = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("one", "two"))
     assert a["stage"] == b["stage"] == 2 and a["state"]["boundaries"] == b["state"]["boundaries"] == [1]
     # the test covers a step whose two frames sit in different GoPs (frame 0 is GoP 0, frames 1-4 GoP 1)
