@@ -25,10 +25,12 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -883,14 +885,41 @@ class Progress:
             self.log(line)
 
 
+# -----------------------------------------------------------------------------
+# More than one process (not in the paper): torchrun starts one copy of this file per GPU and sets
+# RANK, LOCAL_RANK and WORLD_SIZE; every copy trains the same model on its share of each step's frames
+
+def start_distributed(device):
+    """Under torchrun: join the others (nccl on CUDA, gloo on CPU); the device, cuda:LOCAL_RANK on CUDA."""
+    if "WORLD_SIZE" not in os.environ:  # not started by torchrun: one process, no process group
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def rank_and_world():
+    """(this process's rank, number of processes): (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def data_parallel(model, device):
+    """Under torchrun, the model in DistributedDataParallel (gradients averaged over the processes); else itself."""
+    return DDP(model, device_ids=[device] if device.type == "cuda" else None) if dist.is_initialized() else model
+
+
 def train(cfg, frames, out_dir, device, resume=False, log=print):
     """Two-stage training of Sec. III-C; writes out_dir/ckpt.pt, returns (model, state). Ctrl-C saves the
-    last finished epoch and raises KeyboardInterrupt("interrupted at epoch e/E")."""
+    last finished epoch and raises KeyboardInterrupt("interrupted at epoch e/E"). Under torchrun each of
+    the N processes takes cfg.batch_size frames of every step (N * batch_size); rank 0 writes the checkpoint."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    T = cfg.n_frames
+    T, B = cfg.n_frames, cfg.batch_size
     E, E1, E_l1 = cfg.epochs, stage1_epochs(cfg), l1_only_epochs(cfg)
-    frames_dev = frames.to(device)
-    steps_per_epoch = math.ceil(T / cfg.batch_size)
+    rank, world = rank_and_world()
+    frames_dev = frames.to(device)  # uint8, on every process: a float copy would take 4x the memory
+    steps_per_epoch = math.ceil(T / (world * B))
     n_steps = E * steps_per_epoch
 
     if not resume:
@@ -919,6 +948,7 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
 
     use_amp = device.type == "cuda"
     model.channels_last = use_amp
+    net = data_parallel(model, device)  # torchrun: DDP around the model; else the model itself
     last = snapshot()
     last_write = time.time()
     first = state["epoch"]
@@ -928,30 +958,39 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
             t_epoch = time.time()
             if epoch >= E1 and model.stage == 1:
                 optimizer = stage_switch(model, optimizer, state, device, progress.say)
+                net = data_parallel(model, device)  # new parameters (the K copies): wrap them again
             order = torch.randperm(T, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
             # running sums stay on the device: reading them (.item()) waits for the GPU, so only
             # the progress line does, a few times a second, and the end of the epoch
             tot_loss = torch.zeros((), dtype=torch.float64, device=device)
             tot_psnr = torch.zeros((), dtype=torch.float64, device=device)
-            for j, t in enumerate(order.split(cfg.batch_size)):
+            for j, batch in enumerate(order.split(world * B)):  # the same order on every process
                 step = epoch * steps_per_epoch + j
                 for g in optimizer.param_groups:
                     g["lr"] = lr_at(step, n_steps, cfg) * g["scale"]
-                t = t.to(device)
+                t = batch[rank * B:(rank + 1) * B]  # this process's share of the step (all of it without torchrun)
+                # not in the paper: DDP averages the N processes' gradients, so each weighs its mean loss by N times
+                # its share of the step's frames: the step follows the mean over all of them even when the epoch's
+                # last step leaves a process fewer frames or none (it runs a frame at weight 0 to join the all-reduce)
+                n, share = len(t), len(t) * world / len(batch)
+                t = (t if n else batch[:1]).to(device)
                 target = frames_dev[t].float() / 255
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):  # not in the paper: bf16 on CUDA
-                    out = model(t)
+                    out = net(t)
                 out = out.float()
                 loss = distortion(out, target, cfg, l1_only=epoch < E_l1)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * share).backward()
                 optimizer.step()
-                tot_loss += loss.detach() * len(t)
-                tot_psnr += psnr(out.detach().clamp(0, 1), target).sum()
+                tot_loss += loss.detach() * n
+                tot_psnr += psnr(out.detach().clamp(0, 1), target)[:n].sum()
                 if progress.due():
-                    n = j * cfg.batch_size + len(t)
-                    progress.update(epoch, j + 1, steps_per_epoch, tot_loss.item() / n, tot_psnr.item() / n,
+                    seen = j * B + n
+                    progress.update(epoch, j + 1, steps_per_epoch, tot_loss.item() / seen, tot_psnr.item() / seen,
                                     f"stage {model.stage}")
+            if world > 1:  # the epoch's sums over every process's frames
+                dist.all_reduce(tot_loss)
+                dist.all_reduce(tot_psnr)
             epoch_loss, epoch_psnr = tot_loss.item() / T, tot_psnr.item() / T
             state["epoch"] = epoch + 1
             state["train_seconds"] += time.time() - t_epoch
@@ -960,7 +999,7 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
             progress.update(epoch, steps_per_epoch, steps_per_epoch, epoch_loss, epoch_psnr, f"stage {model.stage}",
                             final=not progress.tty or epoch + 1 == E)
             last = snapshot()
-            if time.time() - last_write >= cfg.checkpoint_seconds or epoch + 1 == E:
+            if rank == 0 and (time.time() - last_write >= cfg.checkpoint_seconds or epoch + 1 == E):
                 save_atomic(last, ckpt_path)
                 last_write = time.time()
             took, left = state["history"][-1]["seconds"], E - epoch - 1
@@ -972,9 +1011,11 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
         if model.stage == 1:  # fewer epochs than stage 1 needs: still end with the stage-2 model
             optimizer = stage_switch(model, optimizer, state, device, progress.say)
             last = snapshot()
-            save_atomic(last, ckpt_path)
+            if rank == 0:
+                save_atomic(last, ckpt_path)
     except KeyboardInterrupt:
-        save_atomic(last, ckpt_path)  # the last finished epoch, never a half-updated model
+        if rank == 0:
+            save_atomic(last, ckpt_path)  # the last finished epoch, never a half-updated model
         progress.end_line()
         raise KeyboardInterrupt(f"interrupted at epoch {last['state']['epoch']}/{E}") from None
     return model, state
@@ -984,6 +1025,8 @@ def stage_switch(model, optimizer, state, device, log):
     """End of stage 1: divergence (Eq. 4), Algorithm 1 (or an ablation's rule), K copies."""
     cfg = model.cfg
     D = divergence(model.all_temporal_features())
+    if dist.is_initialized():  # torchrun: rank 0's D for all, so that no float rounding gives a process other GoPs
+        dist.broadcast(D, 0)
     if cfg.ablation == "V4":
         boundaries = fixed_length_gops(cfg.n_frames, cfg.gops)
     elif cfg.ablation == "V5":
@@ -1040,18 +1083,25 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = make_parser().parse_args(argv)
     out_given = args.out is not None
+    quiet = os.environ.get("RANK", "0") != "0"  # torchrun started N copies of this: rank 0 speaks for all
+    launcher = f"torchrun --nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}" if "WORLD_SIZE" in os.environ else "python"
     try:
         run(args)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(1 if quiet else f"error: {e}")
     except KeyboardInterrupt as e:  # one line, no traceback: how to go on
+        if quiet:
+            sys.exit(130)
         what = e.args[0] if e.args else "interrupted"  # train() says at which epoch
         if args.out and os.path.exists(os.path.join(args.out, "ckpt.pt")) and (e.args or not args.force):
             again = [a for a in argv if a != "--force"] + ([] if out_given else ["--out", args.out])
             again += [] if args.resume else ["--resume"]
-            what += f"; continue with: python {shlex.join([os.path.relpath(__file__)] + again)}"
+            what += f"; continue with: {launcher} {shlex.join([os.path.relpath(__file__)] + again)}"
         print(what, file=sys.stderr)
         sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def check_writable(path, flag, folder):
@@ -1120,6 +1170,9 @@ def run(args):
         raise ValueError("--device cuda: no CUDA GPU is available; use --device cpu")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           args.device if args.device != "auto" else "cpu")
+    device = start_distributed(device)  # torchrun: join the other processes, take GPU LOCAL_RANK
+    rank, world = rank_and_world()
+    log = print if rank == 0 else (lambda *a: None)  # torchrun: rank 0 prints for all
     ablation = "" if args.ablation == "full" else args.ablation
     name = os.path.basename(os.path.normpath(args.frames)).split(".")[0]
     args.out = args.out or os.path.join("runs", f"{name}_{args.params}{'_' + ablation if ablation else ''}")
@@ -1139,17 +1192,20 @@ def run(args):
         gops=args.gops, min_gop=args.min_gop, window=args.window, ablation=ablation,
         epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, l1_epochs=args.l1_epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed))
-    print(f"video: {plural(T, 'frame')} of {W}x{H} from {args.frames}")
-    print("\n".join(describe(cfg)))
+    log(f"video: {plural(T, 'frame')} of {W}x{H} from {args.frames}")
+    log("\n".join(describe(cfg)))
+    if world > 1:
+        log(f"torchrun: world_size {world}, {world} processes x {plural(cfg.batch_size, 'frame')} = {world * cfg.batch_size} per step")
     if args.dry_run:
         return
-    print(f"run folder: {args.out}  device: {device}")
-    if args.force and not args.resume and os.path.exists(os.path.join(args.out, "metrics.json")):
+    log(f"run folder: {args.out}  device: {device}")
+    if rank == 0 and args.force and not args.resume and os.path.exists(os.path.join(args.out, "metrics.json")):
         os.remove(os.path.join(args.out, "metrics.json"))  # the old run's: it no longer describes ckpt.pt
     metrics = fit(cfg, frames, args.out, device, frames_path=args.frames, size=args.size, resume=args.resume,
-                  save=args.save_frames, matrix=args.matrix if os.path.isfile(args.frames) else None)
-    print(f"PSNR {metrics['psnr']:.2f} dB  MS-SSIM {metrics['msssim']:.4f}  params {metrics['params']}  "
-          f"{metrics['seconds_per_epoch']:.1f} s/epoch  decode {metrics['decode_fps']:.1f} frames/s  -> {args.out}/metrics.json")
+                  save=args.save_frames, matrix=args.matrix if os.path.isfile(args.frames) else None, log=log)
+    if rank == 0:  # the others have no metrics
+        print(f"PSNR {metrics['psnr']:.2f} dB  MS-SSIM {metrics['msssim']:.4f}  params {metrics['params']}  "
+              f"{metrics['seconds_per_epoch']:.1f} s/epoch  decode {metrics['decode_fps']:.1f} frames/s  -> {args.out}/metrics.json")
 
 
 def fit(cfg, frames, out, device, frames_path=None, size=None, resume=False, save=False, log=print, matrix=None):
@@ -1157,16 +1213,22 @@ def fit(cfg, frames, out, device, frames_path=None, size=None, resume=False, sav
     size and matrix (of a .yuv/.y4m file) go into the metrics, for compress.py to read the frames again."""
     T, _, H, W = frames.shape
     model, state = train(cfg, frames, out, device, resume=resume, log=log)
+    rank, world = rank_and_world()
+    if rank > 0:  # torchrun: rank 0 evaluates and writes metrics.json while the others wait
+        dist.barrier()
+        return None
     p, m, fps, recon = evaluate(model, frames, device)
     metrics = dict(params=count_params(cfg), psnr=p.mean().item(), psnr_per_frame=p.tolist(), msssim=m,
                    msssim_scales=msssim_scales(H, W), gop_boundaries=state["boundaries"],
                    divergence=state["divergence"], epochs=state["epoch"], train_seconds=state["train_seconds"],
                    seconds_per_epoch=state["train_seconds"] / max(1, len(state["history"])),
-                   decode_fps=fps, device=str(device), history=state["history"], config=asdict(cfg),
+                   decode_fps=fps, device=str(device), world_size=world, history=state["history"], config=asdict(cfg),
                    frames=frames_path and os.path.abspath(frames_path), size=size, matrix=matrix)
     write_json_atomic(metrics, os.path.join(out, "metrics.json"))
     if save:
         save_frames(recon, os.path.join(out, "frames"))
+    if world > 1:
+        dist.barrier()
     return metrics
 
 
