@@ -13,12 +13,20 @@ Each run is the real CLI in a subprocess with one thread (OMP_NUM_THREADS=1), --
 Its output goes to log.txt in that folder. A finished run with the protocol's settings is reused, one
 with only a checkpoint is resumed, one finished with other settings is left alone (never overwritten).
 Writes OUT/suite.csv (a row per run) and OUT/suite.md (per clip a row per model, full - model by seed).
+
+It also holds the speed benchmark of `tenerv.py --bench` (issue 25): `speed` times a few training steps of
+each stage and a decoding pass, counts MACs per pixel and projects the training time:
+
+    python tenerv.py --bench --frames data/bbb320 --params 0.3M [--compile] [--out speed.json]
+    python tenerv.py --bench --synthetic 1920x1080x600 --params 3M --device cuda    # no data needed
 """
 import argparse
 import csv
+import functools
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -26,7 +34,7 @@ import sys
 import time
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import fields
+from dataclasses import asdict, fields, replace
 
 import torch
 
@@ -234,6 +242,261 @@ def write_report(args, runs, rows, argv):
     with open(os.path.join(args.out, "suite.md"), "w") as f:
         f.write("\n".join(md))
     print(f"{len(rows)} of {len(runs)} runs in the tables -> {args.out}/suite.csv, {args.out}/suite.md")
+
+
+# -----------------------------------------------------------------------------
+# Speed: tenerv.py --bench (issue 25). Times what train() and reconstruct() run; trains no model to keep.
+
+SYNTHETIC_POOL = 8     # distinct random frames of --synthetic, indexed modulo: 600 frames of 1080p would be 3.7 GB
+WARMUP_STEPS = 2       # steps per stage left out of the timing (the first compiles with --compile)
+DECODE_BATCH = 4       # frames per forward pass, reconstruct()'s default
+PAPER_FRAMES, PAPER_EPOCHS = 600, 300  # Table II: 600 frames of 1080p, 300 epochs
+
+
+def parse_synthetic(text):
+    """'1920x1080x600' -> (W, H, T)."""
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)", text)
+    if not m:
+        raise ValueError(f"--synthetic {text!r}: expected WxHxT (width, height in pixels, frames), e.g. 1920x1080x600")
+    W, H, T = map(int, m.groups())
+    if min(W, H) < tenerv.MIN_SIDE or T < 1:
+        raise ValueError(f"--synthetic {text}: needs frames of at least {tenerv.MIN_SIDE}x{tenerv.MIN_SIDE} px, "
+                         f"and at least 1 frame")
+    return W, H, T
+
+
+def speed_frames(args):
+    """Check the flags of tenerv.py --bench up front; returns (frames or None for --synthetic, (T, H, W))."""
+    for flag, given in (("--resume", args.resume), ("--save-frames", args.save_frames)):
+        if given and args.bench:
+            raise ValueError(f"--bench {flag}: the benchmark trains no run to continue or save; drop {flag}")
+    if args.compile and not args.bench:
+        raise ValueError("--compile: only with --bench so far (training and decoding in tenerv.py run eagerly); "
+                         "add --bench")
+    if not (args.bench or args.dry_run):
+        raise ValueError("--synthetic: random frames, only to benchmark (--bench) or size a model (--dry-run)")
+    if args.frames is None and args.synthetic is None:
+        raise ValueError("--bench: pass --frames DIR, or --synthetic WxHxT for random frames, e.g. 1920x1080x600")
+    if args.frames is not None and args.synthetic is not None:
+        raise ValueError(f"--frames {args.frames} --synthetic {args.synthetic}: pass one of the two")
+    if args.bench_steps < 1:
+        raise ValueError(f"--bench-steps {args.bench_steps}: must be at least 1")
+    if args.out and args.bench:
+        tenerv.check_writable(args.out, "--out", folder=False)
+        if os.path.exists(args.out) and not args.force:
+            raise ValueError(f"--out {args.out}: exists; pass another --out, or add --force to overwrite it")
+    if args.synthetic:
+        W, H, T = parse_synthetic(args.synthetic)
+        return None, (T, H, W)
+    frames = tenerv.load_frames(args.frames, args.size, args.matrix)
+    return frames, (frames.shape[0], *frames.shape[2:])
+
+
+def fallback(fast, slow, log, what):
+    """fast(*args); if its first call raises, one line and slow(*args) from then on. torch.compile compiles
+    at the first call (the backward at the first backward), which is where a missing C++ compiler shows."""
+    first = True
+
+    def call(*args):
+        nonlocal fast, first
+        if first:
+            first = False
+            try:
+                return fast(*args)
+            except Exception as e:  # dynamo, inductor and the C++ compiler raise many types
+                log(f"--compile: {what} failed to compile ({type(e).__name__}: "
+                    f"{(str(e).strip().splitlines() or [''])[0][:160]}); running it eagerly")
+                fast = slow
+                return slow(*args)
+        return fast(*args)
+    call.compiled = lambda: fast is not slow
+    return call
+
+
+def maybe_compile(fn, compile, log, what):
+    """torch.compile(fn), or fn itself (without compile, or with one line if torch.compile is unavailable).
+    dynamic=False: one graph per shape; the GoP-specific depthwise conv folds the batch into its groups, and
+    every timed batch has the same size. Compiling happens at the first call: see fallback."""
+    if not compile:
+        return fn
+    try:
+        return torch.compile(fn, dynamic=False)
+    except Exception as e:  # e.g. a Python version torch.compile does not support yet
+        log(f"--compile: torch.compile is unavailable ({type(e).__name__}: {str(e).strip()[:160]}); "
+            f"running {what} eagerly")
+        return fn
+
+
+def make_train_step(model, optimizer, cfg, device, l1_only, compile, log):
+    """train()'s step up to optimizer.step(): forward (bf16 on CUDA), loss, backward; with compile the
+    forward and loss are compiled (and their backward, through AOTAutograd), the optimizer runs eagerly."""
+    use_amp = device.type == "cuda"
+
+    def forward_loss(t, target):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            out = model(t)
+        out = out.float()
+        return out, tenerv.distortion(out, target, cfg, l1_only=l1_only)
+
+    def step(forward_loss, t, target):
+        out, loss = forward_loss(t, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return out, loss
+
+    what = f"the stage-{model.stage} training step"
+    fast, eager = maybe_compile(forward_loss, compile, log, what), functools.partial(step, forward_loss)
+    return eager if fast is forward_loss else fallback(functools.partial(step, fast), eager, log, what)
+
+
+def time_stage(model, optimizer, pool, cfg, device, n_steps, compile, log):
+    """Seconds per training step of the model's stage, after WARMUP_STEPS; full batches of a random order
+    of the frames, as train() takes them (in stage 2 one grouped conv per depthwise layer, whatever GoPs
+    a batch mixes)."""
+    E1, E_l1 = min(cfg.epochs, tenerv.stage1_epochs(cfg)), tenerv.l1_only_epochs(cfg)
+    l1_only = (0 if model.stage == 1 else E1) < E_l1  # the loss of the stage's first epoch
+    step = make_train_step(model, optimizer, cfg, device, l1_only, compile, log)
+    T, B = cfg.n_frames, min(cfg.batch_size, cfg.n_frames)
+    order = torch.randperm(T, generator=torch.Generator().manual_seed(cfg.seed))
+    batches = [b for b in order.split(B) if len(b) == B]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tot_loss = torch.zeros((), dtype=torch.float64, device=device)
+    tot_psnr = torch.zeros((), dtype=torch.float64, device=device)
+    warm = time.perf_counter()
+    for i in range(WARMUP_STEPS + n_steps):
+        if i == WARMUP_STEPS:
+            sync()
+            start = time.perf_counter()
+        t = batches[i % len(batches)].to(device)
+        for g in optimizer.param_groups:
+            g["lr"] = cfg.lr * g["scale"]
+        target = pool[t % len(pool)].float() / 255
+        out, loss = step(t, target)
+        optimizer.step()
+        tot_loss += loss.detach() * len(t)  # the running sums of train(), read once at the end
+        tot_psnr += tenerv.psnr(out.detach().clamp(0, 1), target).sum()
+    tot_loss.item()
+    sync()
+    seconds = (time.perf_counter() - start) / n_steps
+    return dict(s_per_step=seconds, warmup_s=start - warm, frames_per_step=B, l1_only=l1_only,
+                s_per_epoch_per_100_frames=seconds * 100 / B, compiled=getattr(step, "compiled", lambda: False)())
+
+
+@torch.no_grad()
+def time_decode(model, device, n_batches, compile, log):
+    """Frames per second of reconstruct()'s forward pass (no loss, no copy back), after one warm-up batch."""
+    model.eval()
+    fast = maybe_compile(model, compile, log, "decoding")
+    decode = model if fast is model else fallback(fast, model, log, "decoding")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    T, B = model.cfg.n_frames, min(DECODE_BATCH, model.cfg.n_frames)
+    batches = [b for b in torch.arange(T).split(B) if len(b) == B]
+    for i in range(1 + n_batches):
+        if i == 1:
+            sync()
+            start = time.perf_counter()
+        t = batches[i % len(batches)].to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            decode(t).float().clamp(0, 1)
+    sync()
+    fps = n_batches * B / (time.perf_counter() - start)
+    model.train()
+    return fps, n_batches * B, getattr(decode, "compiled", lambda: False)()
+
+
+def macs_per_pixel(cfg):
+    """MACs of the stage-2 forward pass of one frame per pixel (H x W of the video), counted by
+    FlopCounterMode: convolutions and matrix products (MACs = FLOPs / 2); elementwise ops (LayerNorm,
+    GELU, the grids' interpolation) are not counted. On the meta device: shapes only, no compute."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model = tenerv.TeNeRV(cfg, stage=2)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, dtype=torch.long, device="meta"))
+    return counter.get_total_flops() / 2 / (cfg.height * cfg.width)
+
+
+def peak_memory(device):
+    """(MB, what was measured): allocated tensors on CUDA, the process's peak RSS elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20, "torch.cuda.max_memory_allocated"
+    import resource  # Unix only
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+    return rss / 2 ** (20 if sys.platform == "darwin" else 10), \
+        "peak RSS of the process, resource.getrusage: Python, torch and the frames included"
+
+
+def seconds_per_epoch(cfg, stage1, stage2, n_epochs, n_frames=100):
+    """Training steps only (no evaluation, no checkpoints) of one epoch of n_frames at this frame size,
+    averaged over n_epochs: each stage for its share of them (stage1_epochs)."""
+    E1 = min(n_epochs, tenerv.stage1_epochs(replace(cfg, epochs=n_epochs)))
+    per_100 = (E1 * stage1["s_per_epoch_per_100_frames"] + (n_epochs - E1) * stage2["s_per_epoch_per_100_frames"])
+    return per_100 / n_epochs * n_frames / 100
+
+
+def speed(cfg, frames, device, compile=False, steps=5, log=print):
+    """Time `steps` training steps of stage 1, then of stage 2 (split_gops into cfg.gops GoPs of equal
+    length) and `steps` decoding batches; count MACs per pixel. frames: uint8 (T, 3, H, W), or None for
+    SYNTHETIC_POOL random frames of cfg's size (frame t is pool[t % pool size]). Returns the figures."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if frames is None:
+        frames = torch.randint(0, 256, (min(SYNTHETIC_POOL, cfg.n_frames), 3, cfg.height, cfg.width),
+                               dtype=torch.uint8, generator=torch.Generator().manual_seed(cfg.seed))
+    pool = frames.to(device)
+    torch.manual_seed(cfg.seed)
+    model = tenerv.TeNeRV(cfg).to(device)
+    model.channels_last = device.type == "cuda"  # as train() and reconstruct() do
+    optimizer = tenerv.make_optimizer(model, device)
+    stage1 = time_stage(model, optimizer, pool, cfg, device, steps, compile, log)
+    boundaries = tenerv.equal_gops(cfg.n_frames, cfg.gops)  # the content does not change the cost
+    optimizer = tenerv.split_model(model, optimizer, boundaries, device)  # a new model: compiled anew
+    trying = compile and stage1["compiled"]  # after one failure (one line said so) no more attempts
+    stage2 = time_stage(model, optimizer, pool, cfg, device, steps, trying, log)
+    trying = trying and stage2["compiled"]
+    decode_fps, decode_frames, decode_compiled = time_decode(model, device, steps, trying, log)
+    memory_mb, memory_kind = peak_memory(device)
+    T, E = cfg.n_frames, cfg.epochs
+    return dict(
+        n_frames=T, width=cfg.width, height=cfg.height, params=tenerv.count_params(cfg), gops=cfg.gops,
+        device=str(device), threads=torch.get_num_threads(), machine=machine(), compile=compile,
+        steps=steps, warmup_steps=WARMUP_STEPS, stage1=stage1, stage2=stage2,
+        epochs=E, stage1_epochs=min(E, tenerv.stage1_epochs(cfg)),
+        s_per_epoch_per_100_frames=seconds_per_epoch(cfg, stage1, stage2, E),
+        decode_fps=decode_fps, decode_frames=decode_frames, decode_batch=min(DECODE_BATCH, T),
+        decode_compiled=decode_compiled, peak_memory_mb=memory_mb, peak_memory_kind=memory_kind,
+        frames_on_device_mb=T * 3 * cfg.height * cfg.width / 2 ** 20,  # train() moves all frames there
+        macs_per_pixel=macs_per_pixel(cfg), macs_counted="one frame's forward pass: convolutions and matrix "
+        "products counted by FlopCounterMode, MACs = FLOPs / 2; elementwise ops not counted",
+        projected_s_paper=PAPER_EPOCHS * seconds_per_epoch(cfg, stage1, stage2, PAPER_EPOCHS, PAPER_FRAMES),
+        projected_s_clip=E * seconds_per_epoch(cfg, stage1, stage2, E, T), config=asdict(cfg))
+
+
+def figure(x):
+    """3 significant digits, without the e+03 of large numbers."""
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def print_speed(r, log=print):
+    size, hms = f"{r['width']}x{r['height']}", tenerv.hms
+    for k in (1, 2):
+        s = r[f"stage{k}"]
+        gops = f" ({tenerv.plural(r['gops'], 'GoP')})" if k == 2 else ""
+        log(f"stage {k}{gops}: {figure(s['s_per_step'])} s/step of {tenerv.plural(s['frames_per_step'], 'frame')} "
+            f"(mean of {r['steps']}; {r['warmup_steps']} warm-up steps took {figure(s['warmup_s'])} s; "
+            f"{'L1' if s['l1_only'] else 'L1 + MS-SSIM'} loss{', compiled' if s['compiled'] else ''}): "
+            f"{figure(s['s_per_epoch_per_100_frames'])} s/epoch per 100 frames")
+    log(f"both stages ({r['stage1_epochs']} + {r['epochs'] - r['stage1_epochs']} of {r['epochs']} epochs): "
+        f"{figure(r['s_per_epoch_per_100_frames'])} s/epoch per 100 frames")
+    log(f"decode: {figure(r['decode_fps'])} frames/s ({r['decode_frames']} frames in batches of {r['decode_batch']}, "
+        f"forward only{', compiled' if r['decode_compiled'] else ''})")
+    log(f"peak memory: {r['peak_memory_mb']:.0f} MB ({r['peak_memory_kind']}); a training run also keeps the "
+        f"{r['n_frames']} frames on the device: {figure(r['frames_on_device_mb'])} MB")
+    log(f"MACs per pixel: {r['macs_per_pixel']:.0f} ({r['macs_counted']})")
+    log(f"projected training (steps only, {size}, {r['device']}, {tenerv.plural(r['threads'], 'thread')}): "
+        f"{PAPER_FRAMES} frames x {PAPER_EPOCHS} epochs {hms(r['projected_s_paper'])}"
+        + ("" if (r["n_frames"], r["epochs"]) == (PAPER_FRAMES, PAPER_EPOCHS) else
+           f"; these {r['n_frames']} frames x {r['epochs']} epochs {hms(r['projected_s_clip'])}"))
 
 
 # -----------------------------------------------------------------------------

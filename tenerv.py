@@ -1051,7 +1051,8 @@ def save_frames(recon, folder):
 def make_parser():
     d = TeNeRVConfig()
     p = argparse.ArgumentParser(description="Train a TeNeRV model on a video and report its quality.")
-    p.add_argument("--frames", required=True, help="folder of PNG/JPEG frames, a raw 8-bit YUV 4:2:0 .yuv file or a .y4m file")
+    p.add_argument("--frames", help="folder of PNG/JPEG frames, a raw 8-bit YUV 4:2:0 .yuv file or a .y4m file (required "
+                   "unless --synthetic)")
     p.add_argument("--size", default=None, help="WxH of a .yuv file, pixels (default: a _WxH in its name)")
     p.add_argument("--matrix", type=int, default=DEFAULT_MATRIX, choices=tuple(MATRICES),
                    help="colour matrix of a .yuv/.y4m file: BT.601 or BT.709 (default: %(default)s)")
@@ -1076,6 +1077,15 @@ def make_parser():
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="where to train (default: %(default)s)")
     p.add_argument("--save-frames", action="store_true", help="write the reconstruction to RUN/frames/")
     p.add_argument("--dry-run", action="store_true", help="print the configuration and parameter count, then exit")
+    # the speed benchmark (issue 25): bench.speed; trains no run, writes no run folder
+    p.add_argument("--bench", action="store_true", help="time training steps of both stages and decoding, count MACs "
+                   "per pixel, project the training time; --out FILE.json keeps the figures")
+    p.add_argument("--synthetic", metavar="WxHxT", help="with --bench or --dry-run: T random frames of WxH pixels "
+                   "instead of --frames, e.g. 1920x1080x600")
+    p.add_argument("--bench-steps", type=int, default=5, metavar="N", help="timed training steps per stage and "
+                   "decoding batches of --bench, after warm-up (default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="with --bench: torch.compile the model and training step "
+                   "(falls back to eager, with a message, if compiling fails)")
     return p
 
 
@@ -1174,29 +1184,41 @@ def run(args):
     rank, world = rank_and_world()
     log = print if rank == 0 else (lambda *a: None)  # torchrun: rank 0 prints for all
     ablation = "" if args.ablation == "full" else args.ablation
-    name = os.path.basename(os.path.normpath(args.frames)).split(".")[0]
-    args.out = args.out or os.path.join("runs", f"{name}_{args.params}{'_' + ablation if ablation else ''}")
-    ckpt = os.path.join(args.out, "ckpt.pt")
-    if not args.dry_run:  # the run folder, now rather than after loading the frames
-        check_writable(args.out, "--out", folder=True)
-        if args.resume and not os.path.exists(ckpt):
-            raise FileNotFoundError(f"{ckpt}: no checkpoint to resume; run without --resume to start")
-        if os.path.exists(ckpt) and not (args.resume or args.force):
-            done = os.path.exists(os.path.join(args.out, "metrics.json"))
-            raise ValueError(f"--out {args.out}: holds a {'finished' if done else 'started'} run; continue it with --resume, "
-                             f"pass a new --out, or add --force to overwrite it")
-    frames = load_frames(args.frames, args.size, args.matrix)
-    T, _, H, W = frames.shape
+    if args.bench or args.synthetic or args.compile:  # the speed benchmark lives in bench.py (issue 25)
+        import bench
+        frames, (T, H, W) = bench.speed_frames(args)  # checks its flags; None for --synthetic
+    else:
+        if args.frames is None:
+            raise ValueError("--frames: missing; pass a folder of PNG/JPEG frames, a .yuv or a .y4m file")
+        name = os.path.basename(os.path.normpath(args.frames)).split(".")[0]
+        args.out = args.out or os.path.join("runs", f"{name}_{args.params}{'_' + ablation if ablation else ''}")
+        ckpt = os.path.join(args.out, "ckpt.pt")
+        if not args.dry_run:  # the run folder, now rather than after loading the frames
+            check_writable(args.out, "--out", folder=True)
+            if args.resume and not os.path.exists(ckpt):
+                raise FileNotFoundError(f"{ckpt}: no checkpoint to resume; run without --resume to start")
+            if os.path.exists(ckpt) and not (args.resume or args.force):
+                done = os.path.exists(os.path.join(args.out, "metrics.json"))
+                raise ValueError(f"--out {args.out}: holds a {'finished' if done else 'started'} run; continue it with "
+                                 f"--resume, pass a new --out, or add --force to overwrite it")
+        frames = load_frames(args.frames, args.size, args.matrix)
+        T, _, H, W = frames.shape
     cfg = size_model(TeNeRVConfig(
         n_frames=T, height=H, width=W, params=parse_params(args.params), strides=strides,
         gops=args.gops, min_gop=args.min_gop, window=args.window, ablation=ablation,
         epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, l1_epochs=args.l1_epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed))
-    log(f"video: {plural(T, 'frame')} of {W}x{H} from {args.frames}")
+    log(f"video: {plural(T, 'frame')} of {W}x{H} from {args.frames or 'random frames (--synthetic)'}")
     log("\n".join(describe(cfg)))
     if world > 1:
         log(f"torchrun: world_size {world}, {world} processes x {plural(cfg.batch_size, 'frame')} = {world * cfg.batch_size} per step")
     if args.dry_run:
+        return
+    if args.bench:
+        figures = bench.speed(cfg, frames, device, compile=args.compile, steps=args.bench_steps)
+        bench.print_speed(figures)
+        if args.out:
+            write_json_atomic(figures, args.out)
         return
     log(f"run folder: {args.out}  device: {device}")
     if rank == 0 and args.force and not args.resume and os.path.exists(os.path.join(args.out, "metrics.json")):
