@@ -79,7 +79,8 @@ def quantize(w):
     """w -> (q int8, scale float16): w ~ q * scale, |q| <= 127. Not in the paper: symmetric, with a
     float16 scale per tensor or per slice along dim 0 (n_scales)."""
     rows = w.detach().float().reshape(n_scales(w.shape), -1)
-    scale = (rows.abs().amax(1) / QMAX).clamp_min(1e-8).half()
+    # the floor after the float16 rounding, which turns anything below 2^-25 into 0 (then 0 / 0)
+    scale = (rows.abs().amax(1) / QMAX).half().clamp_min(2 ** -24)  # 2^-24: float16's smallest step
     q = torch.clamp(torch.round(rows / scale.float()[:, None]), -QMAX, QMAX).to(torch.int8)
     return q.reshape(w.shape), scale
 
