@@ -1,7 +1,10 @@
 """Tests for compress.py: the rANS coder, QAT, the bitstream and its error handling."""
+import copy
 import json
 import os
+import struct
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import compress  # noqa: E402
 import tenerv  # noqa: E402
-from test_tenerv import sample_frames, write_frames  # noqa: E402
+from test_tenerv import sample_frames, tiny_cfg, write_frames  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -122,9 +125,112 @@ def test_encode_decode_bit_exact(trained):
         assert torch.equal(a, b), n
 
 
+@pytest.fixture(scope="module")
+def rans_file():
+    """An untrained tiny stage-2 model with tensors of >= 4096 values (section BIG_) and smaller ones
+    (SMAL), and its file. Each tensor's values sit in one narrow band, alternately positive and
+    negative: per-tensor tables (rANS) beat one table for the whole section (zstd) by ~15%, so the
+    file's BIG_ and SMAL are rANS-coded."""
+    cfg = tiny_cfg(params=30_000)
+    model = tenerv.TeNeRV(cfg)
+    model.split_gops([4])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.copy_((-1) ** i * (0.8 + 0.2 * torch.rand(p.shape)))
+    assert max(p.numel() for p in model.parameters()) >= compress.SMALL
+    data, report = compress.encode_model(model, [4])
+    return model, data, report
+
+
+def sections(data):
+    """The sections of a file in order, as [tag, coder, raw_len, stored] (what repack takes)."""
+    out, pos = [], compress.HEAD.size
+    while pos < len(data):
+        tag, coder, raw_len, n, _ = compress.SECTION.unpack_from(data, pos)
+        pos += compress.SECTION.size
+        out.append([tag, coder, raw_len, data[pos: pos + n]])
+        pos += n
+    return out
+
+
+def repack(secs, version=compress.FORMAT_VERSION):
+    """A file of these sections, each with a fresh CRC32: it passes the CRC checks whatever it holds."""
+    return (compress.HEAD.pack(compress.MAGIC, version, len(secs))
+            + b"".join(compress.write_section(*s) for s in secs))
+
+
+def replaced(data, tag, coder=None, raw_len=None, stored=None):
+    """data with fields of one section replaced (None: kept), re-packed with fresh CRCs."""
+    secs = sections(data)
+    for s in secs:
+        if s[0] == tag:
+            s[1:] = [s[1] if coder is None else coder, s[2] if raw_len is None else raw_len,
+                     s[3] if stored is None else stored]
+    return repack(secs)
+
+
+def plain(data, tag):
+    """The decoded bytes of a raw- or zstd-coded section (CONF, TENS)."""
+    coder, raw_len, stored = compress.read_sections(data)[tag]
+    return compress.unpack_plain(coder, raw_len, stored, tag)
+
+
+def test_rans_sections_through_the_file(rans_file):
+    model, data, report = rans_file
+    assert report["sections"]["BIG_"]["coder"] == report["sections"]["SMAL"]["coder"] == "rANS"
+    coders = {tag: coder for tag, coder, _, _ in sections(data)}
+    assert coders[b"BIG_"] == coders[b"SMAL"] == 2  # the file says so too (coder id 2)
+    assert report["sections"]["BIG_"]["symbols"] >= compress.SMALL
+    decoded, boundaries = compress.decode_model(data)
+    assert boundaries == [4]
+    for name, p in model.named_parameters():
+        assert torch.equal(dict(decoded.named_parameters())[name], compress.dequantize(*compress.quantize(p))), name
+    zdec, _ = compress.decode_model(compress.encode_model(model, [4], coder="zstd")[0])
+    for (name, a), b in zip(decoded.named_parameters(), zdec.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_valid_crcs_inconsistent_contents_are_clear_errors(rans_file):
+    """Files that pass every CRC32 but do not hold a model reach the decoder's later checks, each
+    with its own message (matched on stable words, not on how a tag is printed)."""
+    model, data, _ = rans_file
+    conf = plain(data, b"CONF")
+    T = struct.unpack_from("<I", conf)[0]
+    _, big_values, big = compress.read_sections(data)[b"BIG_"]  # rANS: lane states, then 16-bit words
+    cases = [
+        (data[:4] + bytes([0]) + data[5:], "unknown file format version"),
+        (data + b"\0", "unexpected bytes"),
+        (replaced(data, b"TENS", coder=7), "unknown coder"),
+        (repack([s for s in sections(data) if s[0] != b"SMAL"]), "missing"),
+        (replaced(data, b"CONF", coder=1, stored=b"not a zstd frame"), "does not decompress"),
+        (replaced(data, b"CONF", coder=0, raw_len=len(conf) + 1, stored=conf), "the header says"),
+        (replaced(data, b"CONF", coder=2), "cannot use coder"),
+        (replaced(data, b"CONF", coder=0, raw_len=len(conf) - 1, stored=conf[:-1]), "not parse"),  # JSON cut
+        (replaced(data, b"CONF", coder=0, stored=struct.pack("<I", T + 1) + conf[4:]), "disagree"),
+        (replaced(data, b"BIG_", raw_len=big_values - 1), "the tensors need"),
+        (replaced(data, b"BIG_", stored=big + b"\0\0"), "does not end where it should"),
+        (replaced(data, b"BIG_", stored=big[: len(big) // 4 * 2]), "truncated"),  # runs out of words
+        (replaced(data, b"BIG_", stored=big[:10]), "truncated"),                  # not even the lane states
+        (replaced(data, b"BIG_", stored=big[:-1]), "truncated"),                  # half a word
+    ]
+    # a config that builds another model than the tensors': shapes, a tensor the file lacks, one too many
+    other = copy.deepcopy(model)
+    other.cfg = replace(model.cfg, kernel=3)
+    cases.append((compress.encode_model(other, [4])[0], "does not fit"))
+    fewer = copy.deepcopy(model)
+    fewer.head.bias = None
+    cases.append((compress.encode_model(fewer, [4])[0], "every tensor"))
+    more = copy.deepcopy(model)
+    more.head.stray = torch.nn.Parameter(torch.ones(3))
+    cases.append((compress.encode_model(more, [4])[0], "head.stray does not fit"))
+    for bad, phrase in cases:
+        with pytest.raises(compress.FormatError, match=phrase):
+            compress.decode_model(bad)
+
+
 def test_qat_keeps_quality(trained):
     model, state, frames, _ = trained
-    import copy
     m = copy.deepcopy(model)
     p_float = tenerv.evaluate(m, frames, CPU)[0].mean().item()
     data, _ = compress.encode_model(m, state["boundaries"])
@@ -134,6 +240,30 @@ def test_qat_keeps_quality(trained):
     data, _ = compress.encode_model(m, state["boundaries"])
     p_qat = tenerv.evaluate(compress.decode_model(data)[0], frames, CPU)[0].mean().item()
     assert p_qat > p_float - 0.3, (p_float, p_ptq, p_qat)
+    assert p_qat > p_ptq + 0.1, (p_float, p_ptq, p_qat)  # QAT trains: better than the file of the model before it
+
+
+def test_qat_loss_sees_the_8bit_model(trained, monkeypatch):
+    """The loss of QAT's first step is computed on the output of the quantized weights."""
+    model, _, frames, _ = trained
+    m = copy.deepcopy(model)
+    quantized = copy.deepcopy(m)  # the model the file of m would hold
+    with torch.no_grad():
+        for p in quantized.parameters():
+            p.copy_(compress.dequantize(*compress.quantize(p)))
+    seen, real = [], tenerv.distortion
+
+    def spy(out, target, cfg, **kw):
+        seen.append((out.detach(), target))
+        return real(out, target, cfg, **kw)
+
+    monkeypatch.setattr(tenerv, "distortion", spy)
+    compress.qat(m, frames, 1, CPU, log=lambda *a: None)
+    out, target = seen[0]
+    t = torch.tensor([int((frames.float() / 255 - x).abs().flatten(1).sum(1).argmin()) for x in target])
+    with torch.no_grad():
+        assert torch.allclose(out, quantized(t), atol=1e-6)
+        assert (out - model(t)).abs().max() > 1e-4  # and the float model's output is told apart
 
 
 def test_corruption_is_always_a_clear_error(trained):
@@ -172,20 +302,37 @@ def test_cli_encode_decode(trained, tmp_path, capsys):
     assert len(os.listdir(tmp_path / "dec")) == 8
     compress.main(["bench", out, "--repeats", "1"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-1].startswith("synthetic: 1202554 symbols") and "decode" in lines[-1] and "Msym/s" in lines[-1]
+    synthetic = compress.synthetic_weights()  # counted here, not copied from a run
+    assert lines[-1].startswith(f"synthetic: {sum(len(v) for v in synthetic)} symbols, {len(synthetic)} tensors")
+    assert "decode" in lines[-1] and "Msym/s" in lines[-1]
 
 
 def test_cli_errors_are_one_line_and_keep_existing_files(trained, tmp_path):
-    _, _, _, run = trained
+    model, state, frames, run = trained
     existing = tmp_path / "clip.tnrv"
     existing.write_bytes(b"precious")
+    # a run whose training stopped early, a run that does not say where its frames are, other frames
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    ckpt["state"]["epoch"] = 1
+    (tmp_path / "early").mkdir()
+    torch.save(ckpt, tmp_path / "early" / "ckpt.pt")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "ckpt.pt").write_bytes((run / "ckpt.pt").read_bytes())
+    four = write_frames(str(tmp_path / "four"), frames[:4].permute(0, 2, 3, 1).numpy())
+    good = tmp_path / "good.tnrv"
+    good.write_bytes(compress.encode_model(model, state["boundaries"])[0])
     for argv, expect in [
         (["decode", str(existing), "--out", str(tmp_path / "d")], "not a TeNeRV file"),
         (["decode", str(tmp_path / "missing.tnrv"), "--out", str(tmp_path / "d")], "no such file"),
+        (["decode", str(good), "--out", str(tmp_path / "d"), "--frames", four], "do not match the decoded"),
         (["bench", str(tmp_path / "missing.tnrv")], "no such file"),
         (["bench", str(existing), "--repeats", "0"], "--repeats 0"),
         (["encode", str(tmp_path), "-o", str(existing)], "ckpt.pt: not found"),
         (["encode", str(run), "-o", str(existing), "--frames", str(tmp_path / "nope")], "no such file or folder"),
+        (["encode", str(run), "-o", str(existing), "--frames", four], "but the run was trained on 8"),
+        (["encode", str(run), "-o", str(existing), "--qat-epochs", "-1"], "--qat-epochs -1"),
+        (["encode", str(tmp_path / "early"), "-o", str(existing)], "training is not finished (epoch 1/12)"),
+        (["encode", str(tmp_path / "bare"), "-o", str(existing)], "pass --frames"),
     ]:
         with pytest.raises(SystemExit) as e:
             compress.main(argv)
