@@ -243,6 +243,59 @@ def test_algorithm1_edge_cases():
         assert len(B) == K - 1 and all(v - u >= L_min for u, v in zip(S, S[1:])), (D, K, L_min, B)
 
 
+def algorithm1_as_printed(D, K, L_min):
+    """Algorithm 1 of the paper line by line, with its 1-based pointer p, written apart from
+    tenerv.partition_gops to check it. Frame 0 starts the video and is never a candidate; ties in D
+    keep the earlier frame first; line 6 takes the earliest short GoP. Returns None where line 11
+    needs a candidate C_p and none is left (the paper does not say what happens then)."""
+    T = len(D)
+    C = sorted(range(1, T), key=lambda t: (-D[t], t))  # 1: ArgsortDesc(D), C_1 = C[0]
+    B = set(C[: K - 1])                                 # 2: {C_1, ..., C_{K-1}}
+    p = K                                               # 3
+    while True:                                         # 4
+        S = sorted(B | {0, T})                          # 5
+        short = [(S[i], S[i + 1]) for i in range(len(S) - 1) if S[i + 1] - S[i] < L_min]  # 6
+        if not short:                                   # 7
+            return sorted(B)                            # 8
+        u, v = short[0]
+        b = min([x for x in (u, v) if x in B], key=lambda x: D[x])  # 10
+        if p > len(C):
+            return None
+        B = (B - {b}) | {C[p - 1]}                      # 11: C_p
+        p = p + 1                                       # 12
+
+
+def test_algorithm1_matches_the_printed_algorithm_on_random_cases(monkeypatch):
+    """Where the greedy loop finishes, partition_gops is Algorithm 1 (and never calls the fallback);
+    where it runs out of candidates, the fallback runs and gives the best valid partition."""
+    fallbacks, best_partition = [], tenerv._best_partition
+
+    def fallback(D, K, L_min):
+        fallbacks.append((D, K, L_min))
+        return best_partition(D, K, L_min)
+
+    monkeypatch.setattr(tenerv, "_best_partition", fallback)
+    rng = np.random.default_rng(0)
+    n_greedy = n_exhausted = 0
+    for _ in range(4000):
+        T = int(rng.integers(2, 30))
+        K = int(rng.integers(2, min(T, 6) + 1))
+        L_min = int(rng.integers(1, T // K + 1))  # K * L_min <= T: a valid partition exists
+        D = [0.0] + rng.random(T - 1).tolist()
+        fallbacks.clear()
+        got = tenerv.partition_gops(D, K, L_min)
+        expected = algorithm1_as_printed(D, K, L_min)
+        if expected is not None:
+            n_greedy += 1
+            assert got == expected and not fallbacks, (D, K, L_min, got, expected)
+        else:
+            n_exhausted += 1
+            assert len(fallbacks) == 1, (D, K, L_min)
+            if T <= 14:
+                assert got == _brute_force_fallback(D, K, L_min), (D, K, L_min)
+    assert n_greedy > 2000 and n_exhausted > 200, (n_greedy, n_exhausted)  # both kinds were tested
+
+
 def test_gop_index_and_content_agnostic_gops():
     assert tenerv.gop_index([2, 5], 7).tolist() == [0, 0, 1, 1, 1, 2, 2]
     assert tenerv.equal_gops(64, 4) == [16, 32, 48]                    # V5: K equal GoPs
