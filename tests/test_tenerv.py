@@ -328,14 +328,24 @@ def test_default_gops_capped_by_budget():
 
 # --- parameter budget -------------------------------------------------------------------------
 
+def trained_params(cfg):
+    """Parameters of the model training ends with: the stage-1 model built from cfg, split into K
+    GoPs as at the stage switch (on the meta device: shapes only, no memory)."""
+    with torch.device("meta"):
+        model = tenerv.TeNeRV(cfg)
+        model.split_gops(tenerv.equal_gops(cfg.n_frames, cfg.gops))
+    return sum(p.numel() for p in model.parameters())
+
+
 @pytest.mark.parametrize("W,H,T,P", [(1920, 1080, 600, 3_000_000), (1280, 720, 132, 3_000_000), (320, 180, 64, 300_000),
                                      (176, 144, 300, 300_000), (320, 136, 50, 300_000), (1920, 1080, 60, 1_500_000),
                                      (320, 180, 16, 100_000), (352, 288, 97, 750_000)])
 def test_budget_within_one_percent(W, H, T, P):
     for ablation in ("",) + tenerv.ABLATIONS:
         cfg = tenerv.size_model(TeNeRVConfig(n_frames=T, height=H, width=W, params=P, ablation=ablation))
-        n = tenerv.count_params(cfg)
+        n = trained_params(cfg)
         assert abs(n - P) <= 0.01 * P, (ablation, n)
+        assert tenerv.count_params(cfg) == n, ablation  # the count that --dry-run and metrics.json report
         assert cfg.base_h * tenerv.math.prod(cfg.strides) >= H and cfg.base_w * tenerv.math.prod(cfg.strides) >= W
 
 
@@ -359,7 +369,7 @@ def test_budget_counts_real_stage2_model():
     cfg = tiny_cfg()
     model = tenerv.TeNeRV(cfg)
     model.split_gops([4])
-    assert sum(p.numel() for p in model.parameters()) == tenerv.count_params(cfg)
+    assert sum(p.numel() for p in model.parameters()) == tenerv.count_params(cfg) == trained_params(cfg)
 
 
 def test_auto_strides():
@@ -370,14 +380,18 @@ def test_auto_strides():
     assert tenerv.choose_strides(136, 320) == (2, 2, 2)        # 40 x 17
 
 
-def test_dry_run_prints_exact_count(tmp_path, capsys):
-    folder = write_frames(str(tmp_path / "f"), [np.zeros((36, 64, 3), np.uint8)] * 8)
-    tenerv.main(["--frames", folder, "--params", "20K", "--dry-run"])
-    out = capsys.readouterr().out
-    line = [s for s in out.splitlines() if s.startswith("parameters: ")]
-    n = int(line[0].split()[1])
-    assert abs(n - 20_000) <= 200
-    assert not os.path.exists("runs/f_20K")
+@pytest.mark.parametrize("W,H,T,budget", [(64, 36, 8, "20K"), (320, 180, 64, "0.3M")])
+def test_dry_run_prints_the_trained_models_count(W, H, T, budget, tmp_path, capsys):
+    clip = tmp_path / f"clip_{W}x{H}.yuv"
+    clip.write_bytes(bytes(T * W * H * 3 // 2))  # T black frames, YUV 4:2:0
+    P = tenerv.parse_params(budget)
+    for ablation in ("",) + tenerv.ABLATIONS:
+        tenerv.main(["--frames", str(clip), "--params", budget, "--ablation", ablation or "full", "--dry-run"])
+        out = capsys.readouterr().out
+        printed = int(next(s for s in out.splitlines() if s.startswith("parameters: ")).split()[1])
+        cfg = tenerv.size_model(TeNeRVConfig(n_frames=T, height=H, width=W, params=P, ablation=ablation))
+        assert printed == trained_params(cfg) and abs(printed - P) <= 0.01 * P, (ablation, printed)
+    assert not os.path.exists(f"runs/clip_{budget}")
 
 
 # --- model behaviour ------------------------------------------------------------------------------
