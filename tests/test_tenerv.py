@@ -446,6 +446,22 @@ def test_ablation_structure():
     assert tenerv.size_model(TeNeRVConfig(n_frames=64, height=180, width=320, ablation="V5")).gops == 2
 
 
+def test_every_variant_runs_in_both_stages():
+    t = torch.tensor([0, 5, 7])
+    for ablation in ("",) + tenerv.ABLATIONS:
+        cfg = tiny_cfg(ablation=ablation)
+        model = tenerv.TeNeRV(cfg)
+        for stage in (1, 2):
+            if stage == 2:
+                model.split_gops(tenerv.equal_gops(cfg.n_frames, cfg.gops))
+            out = model(t)
+            assert out.shape == (3, 3, 24, 40) and torch.isfinite(out).all(), (ablation, stage)
+            assert (out[0] - out[2]).abs().max() > 1e-4, (ablation, stage)  # frames differ
+    # V1: the features of frame t are the base grids at position t alone (no IFF, l = 1)
+    m1 = tenerv.TeNeRV(tiny_cfg(ablation="V1"))
+    assert torch.equal(m1.temporal_features(t), m1.grids(t))
+
+
 def test_tiny_clip_overfits_and_gop_kernels_differ(tmp_path):
     frames = sample_frames(8)
     cfg = tenerv.size_model(TeNeRVConfig(n_frames=8, height=36, width=64, params=20_000, strides=(2, 2),
@@ -533,6 +549,37 @@ def test_cli_end_to_end(tmp_path):
 
 # --- metrics ----------------------------------------------------------------------------------------
 
+def msssim_by_definition(x, y, n_scales):
+    """MS-SSIM (Wang et al. 2003) of two (C, H, W) float64 arrays in [0, 1], in numpy: the first
+    n_scales weights renormalised to sum to 1, an 11-tap Gaussian (sigma 1.5) without padding,
+    2x2 means between scales (the sides must stay even), negative terms clipped to 0; the mean
+    over channels of the per-channel products."""
+    weights = np.array([0.0448, 0.2856, 0.3001, 0.2363, 0.1333][:n_scales])
+    weights /= weights.sum()
+    g = np.exp(-(np.arange(11) - 5) ** 2 / (2 * 1.5 ** 2))
+    g /= g.sum()
+
+    def blur(a):  # separable, 'valid'
+        return np.apply_along_axis(np.convolve, 1, np.apply_along_axis(np.convolve, 0, a, g, "valid"), g, "valid")
+
+    C1, C2 = 0.01 ** 2, 0.03 ** 2
+    per_channel = []
+    for a, b in zip(x, y):
+        value = 1.0
+        for i in range(n_scales):
+            mu_a, mu_b = blur(a), blur(b)
+            var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+            cs = (2 * cov + C2) / (var_a + var_b + C2)
+            if i < n_scales - 1:  # contrast-structure at the finer scales
+                value *= max(cs.mean(), 0) ** weights[i]
+                H, W = a.shape
+                a, b = a.reshape(H // 2, 2, W // 2, 2).mean((1, 3)), b.reshape(H // 2, 2, W // 2, 2).mean((1, 3))
+            else:  # full SSIM at the coarsest
+                value *= max(((2 * mu_a * mu_b + C1) / (mu_a ** 2 + mu_b ** 2 + C1) * cs).mean(), 0) ** weights[i]
+        per_channel.append(value)
+    return float(np.mean(per_channel))
+
+
 def test_msssim_matches_pytorch_msssim_and_small_frames():
     from pytorch_msssim import ms_ssim
     x, y = torch.rand(2, 3, 176, 192), torch.rand(2, 3, 176, 192)
@@ -542,15 +589,38 @@ def test_msssim_matches_pytorch_msssim_and_small_frames():
     assert tenerv.msssim_scales(36, 64) == 2 and tenerv.msssim_scales(16, 16) == 1
     small = torch.rand(1, 3, 36, 64)
     assert tenerv.msssim(small, small).item() == pytest.approx(1.0, abs=1e-5)
+    # below 161 px, fewer scales with renormalised weights, against the definition computed apart
+    torch.manual_seed(0)
+    for (H, W), n in (((16, 16), 1), ((36, 64), 2), ((48, 88), 3), ((96, 128), 4), ((176, 192), 5)):
+        assert tenerv.msssim_scales(H, W) == n
+        x = torch.rand(1, 3, H, W)
+        y = (x + 0.2 * torch.randn(1, 3, H, W)).clamp(0, 1)
+        expected = msssim_by_definition(x[0].double().numpy(), y[0].double().numpy(), n)
+        assert tenerv.msssim(x, y).item() == pytest.approx(expected, abs=1e-4), (H, W)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_training_step(tmp_path):
+def test_cuda_training_step_matches_the_cpu(tmp_path):
+    """One training step (4 frames, one batch) on CUDA (bf16 autocast, channels-last activations,
+    fused Adam) against the same step on the CPU in float32, from the same initial weights."""
     frames = sample_frames(4, size=(40, 24))
-    cfg = tenerv.size_model(TeNeRVConfig(n_frames=4, height=24, width=40, params=8000, strides=(2, 2), epochs=2,
-                                         batch_size=2))
-    model, state = tenerv.train(cfg, frames, str(tmp_path / "run"), torch.device("cuda"), log=lambda *a: None)
-    assert state["epoch"] == 2 and np.isfinite(state["history"][-1]["loss"])
+    cfg = tenerv.size_model(TeNeRVConfig(n_frames=4, height=24, width=40, params=8000, strides=(2, 2), epochs=1,
+                                         batch_size=4))
+    torch.manual_seed(cfg.seed)
+    start = dict(tenerv.TeNeRV(cfg).named_parameters())  # what train() starts from: same seed, built on the CPU
+    loss, step = {}, {}
+    for device in ("cpu", "cuda"):
+        model, state = tenerv.train(cfg, frames, str(tmp_path / device), torch.device(device), log=lambda *a: None)
+        assert state["epoch"] == 1 and model.stage == 2
+        loss[device] = state["history"][0]["loss"]
+        # what the step moved (the stage switch after it copied tensors along dim 0: broadcast)
+        step[device] = torch.cat([(p.detach().cpu() - start[n]).flatten() for n, p in model.named_parameters()])
+    assert np.isfinite(loss["cuda"]) and loss["cuda"] == pytest.approx(loss["cpu"], rel=0.02)  # bf16 forward
+    # Adam's first step moves each weight by about lr * sign(gradient): the same directions on both
+    moved = step["cpu"].abs() > 0.5 * cfg.lr
+    assert moved.float().mean() > 0.5
+    same = (step["cpu"].sign() == step["cuda"].sign())[moved].float().mean()
+    assert same > 0.9, same
 
 
 def test_v4_and_v5_differ_at_the_papers_length_under_the_same_gop_cap():
