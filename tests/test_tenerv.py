@@ -122,6 +122,11 @@ def test_bad_flags(tmp_path):
     assert "--strides" in cli_error(["--frames", folder, "--strides", "5,x"])
     assert "total stride 64 exceeds" in cli_error(["--frames", folder, "--strides", "8,8"])
     assert "--epochs 0" in cli_error(["--frames", folder, "--epochs", "0"])
+    assert "--batch-size 0" in cli_error(["--frames", folder, "--batch-size", "0"])
+    assert "--window 0" in cli_error(["--frames", folder, "--window", "0"])
+    assert "--min-gop -1" in cli_error(["--frames", folder, "--gops", "2", "--min-gop", "-1"])
+    (tmp_path / "odd.yuv").write_bytes(bytes(31 * 16 * 3))
+    assert "--size 31x16" in cli_error(["--frames", str(tmp_path / "odd.yuv"), "--size", "31x16"])
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in cli_error(["--frames", folder, "--device", "cuda"])
     assert "no checkpoint to resume" in cli_error(["--frames", folder, "--params", "10K", "--resume",
