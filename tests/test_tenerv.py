@@ -537,6 +537,51 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
         tenerv.train(replace(cfg, lr=1e-3), frames, str(tmp_path / "b"), cpu, resume=True)
 
 
+def test_learning_rate_warms_up_then_decays_to_zero():
+    cfg = TeNeRVConfig(lr=1e-2, warmup=0.1)
+    lrs = [tenerv.lr_at(step, 100, cfg) for step in range(100)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-2)  # 10 linear warm-up steps
+    assert lrs[10] == pytest.approx(1e-2) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[55] == pytest.approx(0.5e-2)  # half-way through the cosine
+    assert lrs[-1] < 1e-5
+
+
+def test_loss_is_l1_for_the_l1_epochs_then_adds_msssim(tmp_path, monkeypatch):
+    out, target = torch.rand(2, 3, 36, 64), torch.rand(2, 3, 36, 64)
+    l1, cfg = (out - target).abs().mean(), TeNeRVConfig()
+    assert tenerv.distortion(out, target, cfg, l1_only=True).item() == pytest.approx(l1.item())
+    assert tenerv.distortion(out, target, cfg).item() == pytest.approx(
+        (0.7 * l1 + 0.3 * (1 - tenerv.msssim(out, target).mean())).item())  # Sec. IV-A, HiNeRV's weights
+    flags, real = [], tenerv.distortion
+
+    def spy(out, target, cfg, l1_only=False):
+        flags.append(l1_only)
+        return real(out, target, cfg, l1_only)
+
+    monkeypatch.setattr(tenerv, "distortion", spy)
+    cfg = tenerv.size_model(TeNeRVConfig(n_frames=4, height=24, width=40, params=8000, strides=(2, 2), epochs=4,
+                                         l1_epochs=150, batch_size=4, checkpoint_seconds=1e9))  # 2 of 4 epochs L1
+    tenerv.train(cfg, sample_frames(4, size=(40, 24)), str(tmp_path / "run"), torch.device("cpu"), log=lambda *a: None)
+    assert flags == [True, True, False, False]  # one step per epoch
+
+
+def test_stage_switch_copies_the_adam_moments():
+    cfg = tiny_cfg()
+    model = tenerv.TeNeRV(cfg)
+    optimizer = tenerv.make_optimizer(model, torch.device("cpu"))
+    for g in optimizer.param_groups:
+        g["lr"] = 1e-3
+    model(torch.arange(4)).square().mean().backward()
+    optimizer.step()
+    before = {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in model.named_parameters()}
+    optimizer = tenerv.split_model(model, optimizer, [4], torch.device("cpu"))
+    for name, p in model.named_parameters():  # every copy (GoP, frame window) starts from the stage-1 moments
+        state = optimizer.state[p]
+        assert state["step"] == before[name]["step"], name
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[k], before[name][k].expand_as(p)), (name, k)
+
+
 def test_cli_end_to_end(tmp_path):
     folder = str(tmp_path / "f")
     os.makedirs(folder)
@@ -594,6 +639,8 @@ def test_msssim_matches_pytorch_msssim_and_small_frames():
     assert tenerv.msssim_scales(36, 64) == 2 and tenerv.msssim_scales(16, 16) == 1
     small = torch.rand(1, 3, 36, 64)
     assert tenerv.msssim(small, small).item() == pytest.approx(1.0, abs=1e-5)
+    off = torch.stack([small[0] + 0.1, small[0] + 0.01])  # MSE 0.01 and 0.0001
+    assert torch.allclose(tenerv.psnr(off, small.expand(2, -1, -1, -1)), torch.tensor([20.0, 40.0]))
     # below 161 px, fewer scales with renormalised weights, against the definition computed apart
     torch.manual_seed(0)
     for (H, W), n in (((16, 16), 1), ((36, 64), 2), ((48, 88), 3), ((96, 128), 4), ((176, 192), 5)):
