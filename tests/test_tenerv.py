@@ -641,6 +641,8 @@ def test_msssim_matches_pytorch_msssim_and_small_frames():
     assert tenerv.msssim(small, small).item() == pytest.approx(1.0, abs=1e-5)
     off = torch.stack([small[0] + 0.1, small[0] + 0.01])  # MSE 0.01 and 0.0001
     assert torch.allclose(tenerv.psnr(off, small.expand(2, -1, -1, -1)), torch.tensor([20.0, 40.0]))
+    p, m = tenerv.quality(off, (small.expand(2, -1, -1, -1) * 255).round().to(torch.uint8))  # uint8 originals
+    assert torch.allclose(p, torch.tensor([20.0, 40.0]), atol=0.1)
     # below 161 px, fewer scales with renormalised weights, against the definition computed apart
     torch.manual_seed(0)
     for (H, W), n in (((16, 16), 1), ((36, 64), 2), ((48, 88), 3), ((96, 128), 4), ((176, 192), 5)):
