@@ -196,7 +196,9 @@ def test_codecs_that_cannot_run_are_reported_skipped(clip, tmp_path):
     folder, path, _ = clip
     fake = tmp_path / "ffmpeg"  # lists libx264 and libvvenc (not libx265), and fails every encode
     fake.write_text("#!/bin/sh\n"
-                    "if [ \"$2\" = -encoders ]; then printf ' V..... libx264 H.264\\n V..... libvvenc VVC\\n'; exit 0; fi\n"
+                    "if [ \"$2\" = -encoders ]; then\n"
+                    "  printf ' V..... libx264 H.264\\n V..... libvvenc VVC\\n'; exit 0\n"
+                    "fi\n"
                     "echo 'Invalid argument' >&2; exit 1\n")
     fake.chmod(0o755)
     out = str(tmp_path / "out")
