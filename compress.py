@@ -467,6 +467,8 @@ def decode_model(data, device="cpu"):
         raise FormatError(f"corrupted: the header sections do not parse ({e.__class__.__name__})") from None
     if (cfg.n_frames, cfg.height, cfg.width, cfg.gops) != (T, H, W, K):
         raise FormatError("corrupted: the frame count, size or GoP count disagree with the configuration")
+    if boundaries != sorted(set(boundaries)) or not all(0 < b < T for b in boundaries):
+        raise FormatError(f"corrupted: GoP boundaries {boundaries} are not increasing frames between 1 and {T - 1}")
     streams = {}
     for key, tag in ((0, b"BIG_"), (1, b"SMAL")):
         mine = [e for e in entries if e[2] == key]
@@ -479,8 +481,11 @@ def decode_model(data, device="cpu"):
         else:
             sym = np.frombuffer(unpack_plain(coder, raw_len, stored, f"section {tag_name(tag)}"), np.uint8)
         streams[key] = np.split(sym, np.cumsum(sizes)[:-1]) if mine else []
-    model = tenerv.TeNeRV(cfg, stage=1)
-    model.split_gops(boundaries)
+    try:  # a configuration that parses but builds no model (a field of the wrong type or length)
+        model = tenerv.TeNeRV(cfg, stage=1)
+        model.split_gops(boundaries)
+    except (TypeError, ValueError, IndexError) as e:
+        raise FormatError(f"corrupted: the configuration does not build a model ({e.__class__.__name__})") from None
     expected = dict(model.named_parameters())
     state, index = {}, {0: 0, 1: 0}
     for name, shape, where, scale, lo, hi in entries:

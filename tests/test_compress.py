@@ -172,6 +172,11 @@ def replaced(data, tag, coder=None, raw_len=None, stored=None):
     return repack(secs)
 
 
+def with_conf(data, raw):
+    """data with these bytes as its CONF section (stored raw), re-packed with fresh CRCs."""
+    return replaced(data, b"CONF", coder=0, raw_len=len(raw), stored=raw)
+
+
 def plain(data, tag):
     """The decoded bytes of a raw- or zstd-coded section (CONF, TENS)."""
     coder, raw_len, stored = compress.read_sections(data)[tag]
@@ -204,6 +209,8 @@ def test_valid_crcs_inconsistent_contents_are_clear_errors(rans_file):
     model, data, _ = rans_file
     conf = plain(data, b"CONF")
     T = struct.unpack_from("<I", conf)[0]
+    json_at = 14 + 4 * (struct.unpack_from("<H", conf, 12)[0] - 1)  # after T, H, W, K and the boundaries
+    settings = json.loads(conf[json_at:])
     _, big_values, big = compress.read_sections(data)[b"BIG_"]  # rANS: lane states, then 16-bit words
     cases = [
         (data[:4] + bytes([0]) + data[5:], "unknown file format version"),
@@ -213,8 +220,10 @@ def test_valid_crcs_inconsistent_contents_are_clear_errors(rans_file):
         (replaced(data, b"CONF", coder=1, stored=b"not a zstd frame"), "does not decompress"),
         (replaced(data, b"CONF", coder=0, raw_len=len(conf) + 1, stored=conf), "the header says"),
         (replaced(data, b"CONF", coder=2), "cannot use coder"),
-        (replaced(data, b"CONF", coder=0, raw_len=len(conf) - 1, stored=conf[:-1]), "not parse"),  # JSON cut
-        (replaced(data, b"CONF", coder=0, stored=struct.pack("<I", T + 1) + conf[4:]), "disagree"),
+        (with_conf(data, conf[:-1]), "not parse"),  # JSON cut
+        (with_conf(data, struct.pack("<I", T + 1) + conf[4:]), "disagree"),
+        (with_conf(data, conf[:14] + struct.pack("<I", 0) + conf[18:]), "GoP boundaries"),  # frame 0
+        (with_conf(data, conf[:json_at] + json.dumps(dict(settings, depths=[])).encode()), "does not build a model"),
         (replaced(data, b"BIG_", raw_len=big_values - 1), "the tensors need"),
         (replaced(data, b"BIG_", stored=big + b"\0\0"), "does not end where it should"),
         (replaced(data, b"BIG_", stored=big[: len(big) // 4 * 2]), "truncated"),  # runs out of words
