@@ -79,7 +79,8 @@ def quantize(w):
     """w -> (q int8, scale float16): w ~ q * scale, |q| <= 127. Not in the paper: symmetric, with a
     float16 scale per tensor or per slice along dim 0 (n_scales)."""
     rows = w.detach().float().reshape(n_scales(w.shape), -1)
-    scale = (rows.abs().amax(1) / QMAX).clamp_min(1e-8).half()
+    # the floor after the float16 rounding, which turns anything below 2^-25 into 0 (then 0 / 0)
+    scale = (rows.abs().amax(1) / QMAX).half().clamp_min(2 ** -24)  # 2^-24: float16's smallest step
     q = torch.clamp(torch.round(rows / scale.float()[:, None]), -QMAX, QMAX).to(torch.int8)
     return q.reshape(w.shape), scale
 
@@ -466,6 +467,8 @@ def decode_model(data, device="cpu"):
         raise FormatError(f"corrupted: the header sections do not parse ({e.__class__.__name__})") from None
     if (cfg.n_frames, cfg.height, cfg.width, cfg.gops) != (T, H, W, K):
         raise FormatError("corrupted: the frame count, size or GoP count disagree with the configuration")
+    if boundaries != sorted(set(boundaries)) or not all(0 < b < T for b in boundaries):
+        raise FormatError(f"corrupted: GoP boundaries {boundaries} are not increasing frames between 1 and {T - 1}")
     streams = {}
     for key, tag in ((0, b"BIG_"), (1, b"SMAL")):
         mine = [e for e in entries if e[2] == key]
@@ -478,8 +481,11 @@ def decode_model(data, device="cpu"):
         else:
             sym = np.frombuffer(unpack_plain(coder, raw_len, stored, f"section {tag_name(tag)}"), np.uint8)
         streams[key] = np.split(sym, np.cumsum(sizes)[:-1]) if mine else []
-    model = tenerv.TeNeRV(cfg, stage=1)
-    model.split_gops(boundaries)
+    try:  # a configuration that parses but builds no model (a field of the wrong type or length)
+        model = tenerv.TeNeRV(cfg, stage=1)
+        model.split_gops(boundaries)
+    except (TypeError, ValueError, IndexError) as e:
+        raise FormatError(f"corrupted: the configuration does not build a model ({e.__class__.__name__})") from None
     expected = dict(model.named_parameters())
     state, index = {}, {0: 0, 1: 0}
     for name, shape, where, scale, lo, hi in entries:

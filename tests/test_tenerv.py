@@ -122,6 +122,11 @@ def test_bad_flags(tmp_path):
     assert "--strides" in cli_error(["--frames", folder, "--strides", "5,x"])
     assert "total stride 64 exceeds" in cli_error(["--frames", folder, "--strides", "8,8"])
     assert "--epochs 0" in cli_error(["--frames", folder, "--epochs", "0"])
+    assert "--batch-size 0" in cli_error(["--frames", folder, "--batch-size", "0"])
+    assert "--window 0" in cli_error(["--frames", folder, "--window", "0"])
+    assert "--min-gop -1" in cli_error(["--frames", folder, "--gops", "2", "--min-gop", "-1"])
+    (tmp_path / "odd.yuv").write_bytes(bytes(31 * 16 * 3))
+    assert "--size 31x16" in cli_error(["--frames", str(tmp_path / "odd.yuv"), "--size", "31x16"])
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in cli_error(["--frames", folder, "--device", "cuda"])
     assert "no checkpoint to resume" in cli_error(["--frames", folder, "--params", "10K", "--resume",
@@ -243,6 +248,59 @@ def test_algorithm1_edge_cases():
         assert len(B) == K - 1 and all(v - u >= L_min for u, v in zip(S, S[1:])), (D, K, L_min, B)
 
 
+def algorithm1_as_printed(D, K, L_min):
+    """Algorithm 1 of the paper line by line, with its 1-based pointer p, written apart from
+    tenerv.partition_gops to check it. Frame 0 starts the video and is never a candidate; ties in D
+    keep the earlier frame first; line 6 takes the earliest short GoP. Returns None where line 11
+    needs a candidate C_p and none is left (the paper does not say what happens then)."""
+    T = len(D)
+    C = sorted(range(1, T), key=lambda t: (-D[t], t))  # 1: ArgsortDesc(D), C_1 = C[0]
+    B = set(C[: K - 1])                                 # 2: {C_1, ..., C_{K-1}}
+    p = K                                               # 3
+    while True:                                         # 4
+        S = sorted(B | {0, T})                          # 5
+        short = [(S[i], S[i + 1]) for i in range(len(S) - 1) if S[i + 1] - S[i] < L_min]  # 6
+        if not short:                                   # 7
+            return sorted(B)                            # 8
+        u, v = short[0]
+        b = min([x for x in (u, v) if x in B], key=lambda x: D[x])  # 10
+        if p > len(C):
+            return None
+        B = (B - {b}) | {C[p - 1]}                      # 11: C_p
+        p = p + 1                                       # 12
+
+
+def test_algorithm1_matches_the_printed_algorithm_on_random_cases(monkeypatch):
+    """Where the greedy loop finishes, partition_gops is Algorithm 1 (and never calls the fallback);
+    where it runs out of candidates, the fallback runs and gives the best valid partition."""
+    fallbacks, best_partition = [], tenerv._best_partition
+
+    def fallback(D, K, L_min):
+        fallbacks.append((D, K, L_min))
+        return best_partition(D, K, L_min)
+
+    monkeypatch.setattr(tenerv, "_best_partition", fallback)
+    rng = np.random.default_rng(0)
+    n_greedy = n_exhausted = 0
+    for _ in range(4000):
+        T = int(rng.integers(2, 30))
+        K = int(rng.integers(2, min(T, 6) + 1))
+        L_min = int(rng.integers(1, T // K + 1))  # K * L_min <= T: a valid partition exists
+        D = [0.0] + rng.random(T - 1).tolist()
+        fallbacks.clear()
+        got = tenerv.partition_gops(D, K, L_min)
+        expected = algorithm1_as_printed(D, K, L_min)
+        if expected is not None:
+            n_greedy += 1
+            assert got == expected and not fallbacks, (D, K, L_min, got, expected)
+        else:
+            n_exhausted += 1
+            assert len(fallbacks) == 1, (D, K, L_min)
+            if T <= 14:
+                assert got == _brute_force_fallback(D, K, L_min), (D, K, L_min)
+    assert n_greedy > 2000 and n_exhausted > 200, (n_greedy, n_exhausted)  # both kinds were tested
+
+
 def test_gop_index_and_content_agnostic_gops():
     assert tenerv.gop_index([2, 5], 7).tolist() == [0, 0, 1, 1, 1, 2, 2]
     assert tenerv.equal_gops(64, 4) == [16, 32, 48]                    # V5: K equal GoPs
@@ -275,14 +333,24 @@ def test_default_gops_capped_by_budget():
 
 # --- parameter budget -------------------------------------------------------------------------
 
+def trained_params(cfg):
+    """Parameters of the model training ends with: the stage-1 model built from cfg, split into K
+    GoPs as at the stage switch (on the meta device: shapes only, no memory)."""
+    with torch.device("meta"):
+        model = tenerv.TeNeRV(cfg)
+        model.split_gops(tenerv.equal_gops(cfg.n_frames, cfg.gops))
+    return sum(p.numel() for p in model.parameters())
+
+
 @pytest.mark.parametrize("W,H,T,P", [(1920, 1080, 600, 3_000_000), (1280, 720, 132, 3_000_000), (320, 180, 64, 300_000),
                                      (176, 144, 300, 300_000), (320, 136, 50, 300_000), (1920, 1080, 60, 1_500_000),
                                      (320, 180, 16, 100_000), (352, 288, 97, 750_000)])
 def test_budget_within_one_percent(W, H, T, P):
     for ablation in ("",) + tenerv.ABLATIONS:
         cfg = tenerv.size_model(TeNeRVConfig(n_frames=T, height=H, width=W, params=P, ablation=ablation))
-        n = tenerv.count_params(cfg)
+        n = trained_params(cfg)
         assert abs(n - P) <= 0.01 * P, (ablation, n)
+        assert tenerv.count_params(cfg) == n, ablation  # the count that --dry-run and metrics.json report
         assert cfg.base_h * tenerv.math.prod(cfg.strides) >= H and cfg.base_w * tenerv.math.prod(cfg.strides) >= W
 
 
@@ -306,7 +374,7 @@ def test_budget_counts_real_stage2_model():
     cfg = tiny_cfg()
     model = tenerv.TeNeRV(cfg)
     model.split_gops([4])
-    assert sum(p.numel() for p in model.parameters()) == tenerv.count_params(cfg)
+    assert sum(p.numel() for p in model.parameters()) == tenerv.count_params(cfg) == trained_params(cfg)
 
 
 def test_auto_strides():
@@ -317,14 +385,18 @@ def test_auto_strides():
     assert tenerv.choose_strides(136, 320) == (2, 2, 2)        # 40 x 17
 
 
-def test_dry_run_prints_exact_count(tmp_path, capsys):
-    folder = write_frames(str(tmp_path / "f"), [np.zeros((36, 64, 3), np.uint8)] * 8)
-    tenerv.main(["--frames", folder, "--params", "20K", "--dry-run"])
-    out = capsys.readouterr().out
-    line = [s for s in out.splitlines() if s.startswith("parameters: ")]
-    n = int(line[0].split()[1])
-    assert abs(n - 20_000) <= 200
-    assert not os.path.exists("runs/f_20K")
+@pytest.mark.parametrize("W,H,T,budget", [(64, 36, 8, "20K"), (320, 180, 64, "0.3M")])
+def test_dry_run_prints_the_trained_models_count(W, H, T, budget, tmp_path, capsys):
+    clip = tmp_path / f"clip_{W}x{H}.yuv"
+    clip.write_bytes(bytes(T * W * H * 3 // 2))  # T black frames, YUV 4:2:0
+    P = tenerv.parse_params(budget)
+    for ablation in ("",) + tenerv.ABLATIONS:
+        tenerv.main(["--frames", str(clip), "--params", budget, "--ablation", ablation or "full", "--dry-run"])
+        out = capsys.readouterr().out
+        printed = int(next(s for s in out.splitlines() if s.startswith("parameters: ")).split()[1])
+        cfg = tenerv.size_model(TeNeRVConfig(n_frames=T, height=H, width=W, params=P, ablation=ablation))
+        assert printed == trained_params(cfg) and abs(printed - P) <= 0.01 * P, (ablation, printed)
+    assert not os.path.exists(f"runs/clip_{budget}")
 
 
 # --- model behaviour ------------------------------------------------------------------------------
@@ -377,6 +449,22 @@ def test_ablation_structure():
     m3.split_gops([4])
     assert m3.blocks[0].units[0].dw.weight.shape[0] == 1 and m3.gop_grid.shape[0] == 2
     assert tenerv.size_model(TeNeRVConfig(n_frames=64, height=180, width=320, ablation="V5")).gops == 2
+
+
+def test_every_variant_runs_in_both_stages():
+    t = torch.tensor([0, 5, 7])
+    for ablation in ("",) + tenerv.ABLATIONS:
+        cfg = tiny_cfg(ablation=ablation)
+        model = tenerv.TeNeRV(cfg)
+        for stage in (1, 2):
+            if stage == 2:
+                model.split_gops(tenerv.equal_gops(cfg.n_frames, cfg.gops))
+            out = model(t)
+            assert out.shape == (3, 3, 24, 40) and torch.isfinite(out).all(), (ablation, stage)
+            assert (out[0] - out[2]).abs().max() > 1e-4, (ablation, stage)  # frames differ
+    # V1: the features of frame t are the base grids at position t alone (no IFF, l = 1)
+    m1 = tenerv.TeNeRV(tiny_cfg(ablation="V1"))
+    assert torch.equal(m1.temporal_features(t), m1.grids(t))
 
 
 def test_tiny_clip_overfits_and_gop_kernels_differ(tmp_path):
@@ -449,6 +537,51 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
         tenerv.train(replace(cfg, lr=1e-3), frames, str(tmp_path / "b"), cpu, resume=True)
 
 
+def test_learning_rate_warms_up_then_decays_to_zero():
+    cfg = TeNeRVConfig(lr=1e-2, warmup=0.1)
+    lrs = [tenerv.lr_at(step, 100, cfg) for step in range(100)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-2)  # 10 linear warm-up steps
+    assert lrs[10] == pytest.approx(1e-2) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[55] == pytest.approx(0.5e-2)  # half-way through the cosine
+    assert lrs[-1] < 1e-5
+
+
+def test_loss_is_l1_for_the_l1_epochs_then_adds_msssim(tmp_path, monkeypatch):
+    out, target = torch.rand(2, 3, 36, 64), torch.rand(2, 3, 36, 64)
+    l1, cfg = (out - target).abs().mean(), TeNeRVConfig()
+    assert tenerv.distortion(out, target, cfg, l1_only=True).item() == pytest.approx(l1.item())
+    assert tenerv.distortion(out, target, cfg).item() == pytest.approx(
+        (0.7 * l1 + 0.3 * (1 - tenerv.msssim(out, target).mean())).item())  # Sec. IV-A, HiNeRV's weights
+    flags, real = [], tenerv.distortion
+
+    def spy(out, target, cfg, l1_only=False):
+        flags.append(l1_only)
+        return real(out, target, cfg, l1_only)
+
+    monkeypatch.setattr(tenerv, "distortion", spy)
+    cfg = tenerv.size_model(TeNeRVConfig(n_frames=4, height=24, width=40, params=8000, strides=(2, 2), epochs=4,
+                                         l1_epochs=150, batch_size=4, checkpoint_seconds=1e9))  # 2 of 4 epochs L1
+    tenerv.train(cfg, sample_frames(4, size=(40, 24)), str(tmp_path / "run"), torch.device("cpu"), log=lambda *a: None)
+    assert flags == [True, True, False, False]  # one step per epoch
+
+
+def test_stage_switch_copies_the_adam_moments():
+    cfg = tiny_cfg()
+    model = tenerv.TeNeRV(cfg)
+    optimizer = tenerv.make_optimizer(model, torch.device("cpu"))
+    for g in optimizer.param_groups:
+        g["lr"] = 1e-3
+    model(torch.arange(4)).square().mean().backward()
+    optimizer.step()
+    before = {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in model.named_parameters()}
+    optimizer = tenerv.split_model(model, optimizer, [4], torch.device("cpu"))
+    for name, p in model.named_parameters():  # every copy (GoP, frame window) starts from the stage-1 moments
+        state = optimizer.state[p]
+        assert state["step"] == before[name]["step"], name
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[k], before[name][k].expand_as(p)), (name, k)
+
+
 def test_cli_end_to_end(tmp_path):
     folder = str(tmp_path / "f")
     os.makedirs(folder)
@@ -466,6 +599,37 @@ def test_cli_end_to_end(tmp_path):
 
 # --- metrics ----------------------------------------------------------------------------------------
 
+def msssim_by_definition(x, y, n_scales):
+    """MS-SSIM (Wang et al. 2003) of two (C, H, W) float64 arrays in [0, 1], in numpy: the first
+    n_scales weights renormalised to sum to 1, an 11-tap Gaussian (sigma 1.5) without padding,
+    2x2 means between scales (the sides must stay even), negative terms clipped to 0; the mean
+    over channels of the per-channel products."""
+    weights = np.array([0.0448, 0.2856, 0.3001, 0.2363, 0.1333][:n_scales])
+    weights /= weights.sum()
+    g = np.exp(-(np.arange(11) - 5) ** 2 / (2 * 1.5 ** 2))
+    g /= g.sum()
+
+    def blur(a):  # separable, 'valid'
+        return np.apply_along_axis(np.convolve, 1, np.apply_along_axis(np.convolve, 0, a, g, "valid"), g, "valid")
+
+    C1, C2 = 0.01 ** 2, 0.03 ** 2
+    per_channel = []
+    for a, b in zip(x, y):
+        value = 1.0
+        for i in range(n_scales):
+            mu_a, mu_b = blur(a), blur(b)
+            var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+            cs = (2 * cov + C2) / (var_a + var_b + C2)
+            if i < n_scales - 1:  # contrast-structure at the finer scales
+                value *= max(cs.mean(), 0) ** weights[i]
+                H, W = a.shape
+                a, b = a.reshape(H // 2, 2, W // 2, 2).mean((1, 3)), b.reshape(H // 2, 2, W // 2, 2).mean((1, 3))
+            else:  # full SSIM at the coarsest
+                value *= max(((2 * mu_a * mu_b + C1) / (mu_a ** 2 + mu_b ** 2 + C1) * cs).mean(), 0) ** weights[i]
+        per_channel.append(value)
+    return float(np.mean(per_channel))
+
+
 def test_msssim_matches_pytorch_msssim_and_small_frames():
     from pytorch_msssim import ms_ssim
     x, y = torch.rand(2, 3, 176, 192), torch.rand(2, 3, 176, 192)
@@ -475,15 +639,42 @@ def test_msssim_matches_pytorch_msssim_and_small_frames():
     assert tenerv.msssim_scales(36, 64) == 2 and tenerv.msssim_scales(16, 16) == 1
     small = torch.rand(1, 3, 36, 64)
     assert tenerv.msssim(small, small).item() == pytest.approx(1.0, abs=1e-5)
+    off = torch.stack([small[0] + 0.1, small[0] + 0.01])  # MSE 0.01 and 0.0001
+    assert torch.allclose(tenerv.psnr(off, small.expand(2, -1, -1, -1)), torch.tensor([20.0, 40.0]))
+    p, m = tenerv.quality(off, (small.expand(2, -1, -1, -1) * 255).round().to(torch.uint8))  # uint8 originals
+    assert torch.allclose(p, torch.tensor([20.0, 40.0]), atol=0.1)
+    # below 161 px, fewer scales with renormalised weights, against the definition computed apart
+    torch.manual_seed(0)
+    for (H, W), n in (((16, 16), 1), ((36, 64), 2), ((48, 88), 3), ((96, 128), 4), ((176, 192), 5)):
+        assert tenerv.msssim_scales(H, W) == n
+        x = torch.rand(1, 3, H, W)
+        y = (x + 0.2 * torch.randn(1, 3, H, W)).clamp(0, 1)
+        expected = msssim_by_definition(x[0].double().numpy(), y[0].double().numpy(), n)
+        assert tenerv.msssim(x, y).item() == pytest.approx(expected, abs=1e-4), (H, W)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_training_step(tmp_path):
+def test_cuda_training_step_matches_the_cpu(tmp_path):
+    """One training step (4 frames, one batch) on CUDA (bf16 autocast, channels-last activations,
+    fused Adam) against the same step on the CPU in float32, from the same initial weights."""
     frames = sample_frames(4, size=(40, 24))
-    cfg = tenerv.size_model(TeNeRVConfig(n_frames=4, height=24, width=40, params=8000, strides=(2, 2), epochs=2,
-                                         batch_size=2))
-    model, state = tenerv.train(cfg, frames, str(tmp_path / "run"), torch.device("cuda"), log=lambda *a: None)
-    assert state["epoch"] == 2 and np.isfinite(state["history"][-1]["loss"])
+    cfg = tenerv.size_model(TeNeRVConfig(n_frames=4, height=24, width=40, params=8000, strides=(2, 2), epochs=1,
+                                         batch_size=4))
+    torch.manual_seed(cfg.seed)
+    start = dict(tenerv.TeNeRV(cfg).named_parameters())  # what train() starts from: same seed, built on the CPU
+    loss, step = {}, {}
+    for device in ("cpu", "cuda"):
+        model, state = tenerv.train(cfg, frames, str(tmp_path / device), torch.device(device), log=lambda *a: None)
+        assert state["epoch"] == 1 and model.stage == 2
+        loss[device] = state["history"][0]["loss"]
+        # what the step moved (the stage switch after it copied tensors along dim 0: broadcast)
+        step[device] = torch.cat([(p.detach().cpu() - start[n]).flatten() for n, p in model.named_parameters()])
+    assert np.isfinite(loss["cuda"]) and loss["cuda"] == pytest.approx(loss["cpu"], rel=0.02)  # bf16 forward
+    # Adam's first step moves each weight by about lr * sign(gradient): the same directions on both
+    moved = step["cpu"].abs() > 0.5 * cfg.lr
+    assert moved.float().mean() > 0.5
+    same = (step["cpu"].sign() == step["cuda"].sign())[moved].float().mean()
+    assert same > 0.9, same
 
 
 def test_v4_and_v5_differ_at_the_papers_length_under_the_same_gop_cap():
