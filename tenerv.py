@@ -514,10 +514,12 @@ def size_model(cfg):
     per_level = cfg.grid_share * cfg.params / cfg.grid_levels
     if not cfg.grid_stride:
         # not in the paper: the finest level has one cell per base position (Eq. 3) when one
-        # channel of it fits its share of the budget; a long clip at a small budget (300 frames
-        # of 176x144 at 0.3M) would otherwise spend 70% of the budget on grids of one channel.
-        # Then a cell spans `stride` positions, still queried at all T + l - 1 by Eq. 1.
-        fits = max(2, int(per_level / (cfg.base_h * cfg.base_w)))  # cells of one channel in a level's share
+        # channel of it fits in half the grids' share of the budget; a long clip at a small budget
+        # (300 frames of 176x144 at 0.3M) would otherwise spend 70% of the budget on grids of one
+        # channel. Then a cell spans `stride` positions, still queried at all T + l - 1 by Eq. 1.
+        # Half, not a level's third: a cell per frame is worth +1.0 to +1.1 dB on the clips with
+        # motion (docs/experiments.md), more than the channels the coarser levels give up.
+        fits = max(2, int(cfg.grid_share * cfg.params / 2 / (cfg.base_h * cfg.base_w)))
         cfg = replace(cfg, grid_stride=math.ceil(n_positions / fits))
     sizes = grid_sizes(n_positions, cfg.grid_levels, cfg.grid_stride)
     grid_channels = [max(1, round(per_level / (n * cfg.base_h * cfg.base_w))) for n in sizes]
