@@ -328,10 +328,11 @@ class RANSCoder:
         the file format's (version 1 files were coded with 9 blocks and a flat KT prior)."""
         self.sizes, self.ranges, self.version = list(sizes), list(ranges), version
         n = sum(self.sizes)
-        # ~1024 steps, up to 256 lanes: more would be faster but cost 4 bytes of final state each
-        # (256 lanes decode 1.2M symbols at ~15M symbols/s; version 1 went up to 1024)
-        max_lanes = 1024 if version == 1 else 256
-        self.lanes = int(min(max_lanes, max(16, 2 ** round(math.log2(max(n, 1) / 1024)))))
+        # each lane costs 4 bytes of final state and each step ~15 us: from 2^18 symbols on, ~1024
+        # steps of up to 256 lanes (~15M symbols/s); below, where the speed is out of reach anyway,
+        # ~2048 steps (half the lanes). Version 1: ~1024 steps of up to 1024 lanes.
+        per_lane = 1024 if version == 1 or n >= 2 ** 18 else 2048
+        self.lanes = int(min(1024 if version == 1 else 256, max(16, 2 ** round(math.log2(max(n, 1) / per_lane)))))
         self.n_ctx = len(self.sizes)
         # the layout: per block, per context, the slice [a, b) of that context's values
         self.blocks = []
