@@ -16,9 +16,10 @@ but gives no entropy model): loss = distortion + λ · R, R the estimated size o
 in bits per pixel (bits / (T·H·W)), so λ means the same on any clip. The estimate is the size the
 coder reaches, n · H per tensor (H the entropy of the tensor's histogram of quantized values), made
 differentiable: each x = w / step adds 1 - f to the count of floor(x) and f to floor(x) + 1
-(f = x - floor(x)), and R = -Σ h_k log2 p_k with p_k = (h_k + 1/2) / (n + (2Q+1)/2) (the coder's
-KT prior). Its gradient moves each value towards the more frequent of its two integers by
-log2(p_k / p_k+1) bits, and, through the learned steps, trades coarser steps for fewer bits.
+(f = x - floor(x)), and R = -Σ h_k log2 p_k with p_k = (h~_k + 1/2) / (n + (2Q+1)/2) (the coder's
+KT prior), h~ the histogram blurred by [1/4, 1/2, 1/4] so that emptying every other integer earns
+nothing (rate_bits). Its gradient moves each value towards the more frequent of its two integers,
+and, through the learned steps, trades coarser steps for fewer bits.
 
 Bitstream format (version 2), all integers little-endian:
 
@@ -177,9 +178,15 @@ def to_symbols(q):
     return (q.reshape(-1).numpy().astype(np.int16) + 128).astype(np.uint8)
 
 
-def rate_bits(xs, bits):
+def rate_bits(xs, bits, smooth=True):
     """Differentiable estimate of the coded size in bits of tensors whose rounded x are the stored
-    q (see the module docstring): per tensor, n · H of a soft histogram of x, with the KT prior."""
+    q (see the module docstring): per tensor, -sum_k h_k log2 p_k, h the soft histogram of x and p
+    the KT-smoothed probabilities of h itself (smooth=False: the size of a file, n · H at integer x)
+    or of h blurred by [1/4, 1/2, 1/4] (smooth, what QAT descends). Without the blur, emptying every
+    other value of a tensor halves its probabilities' count and looks like a bit saved per value;
+    QAT at 8 bits then builds such combs (a worse quantizer than a coarser step, and slower for the
+    coder to learn). Measured, 10 QAT epochs, λ 0.1: 8-bit 0.444 -> 0.412 bpp at 29.74 dB; 6-bit
+    level (0.349 bpp 29.55 dB, 0.360 bpp 29.57 dB)."""
     sizes = [x.numel() for x in xs]
     Q = torch.tensor([qmax(b) for b in bits], device=xs[0].device)
     width = 2 * Q + 1                                             # values -Q..Q per tensor
@@ -190,8 +197,15 @@ def rate_bits(xs, bits):
     f = u - i
     bin_ = (i.long() + per(first))
     h = torch.zeros(int(width.sum()), device=u.device).index_add(0, bin_, 1 - f).index_add(0, bin_ + 1, f)
+    model = h
+    if smooth:  # each bin gives a quarter to each neighbour of its tensor (its own at the ends)
+        edge = torch.zeros(len(h), dtype=torch.bool, device=h.device)
+        edge[first] = True                                        # a tensor's first bin
+        left = torch.where(edge, h, h.roll(1))
+        right = torch.where(edge.roll(-1), h, h.roll(-1))         # a tensor's last bin: the next one's first
+        model = (left + 2 * h + right) / 4
     n = torch.tensor(sizes, device=u.device, dtype=h.dtype).repeat_interleave(width)
-    p = (h + RATE_PRIOR) / (n + RATE_PRIOR * width.repeat_interleave(width))
+    p = (model + RATE_PRIOR) / (n + RATE_PRIOR * width.repeat_interleave(width))
     return -(h * p.log2()).sum()
 
 
@@ -257,7 +271,7 @@ def qat(model, frames, epochs, device, cc=None, masks=None, lr_scale=0.1, log=pr
 
     def rate_text():
         with torch.no_grad():
-            return f"{what} (rate {rate_bits(quantized()[1], list(bits.values())).item() / pixels:.4f} bpp)" if cc else what
+            return f"{what} (rate {rate_bits(quantized()[1], list(bits.values()), False).item() / pixels:.4f} bpp)" if cc else what
 
     try:
         for epoch in range(epochs):
@@ -594,7 +608,8 @@ def encode_model(model, boundaries, coder="auto", cc=None, steps=None):
     data = HEAD.pack(MAGIC, FORMAT_VERSION, len(out)) + b"".join(out)
     report["shares"] = component_shares(qs, values, data, report)
     with torch.no_grad():  # what QAT's rate term says of these values (integers: the plain histograms)
-        report["rate_estimate_bits"] = rate_bits([q.float() for q, *_ in qs.values()], [b for *_, b in qs.values()]).item()
+        report["rate_estimate_bits"] = rate_bits([q.float() for q, *_ in qs.values()], [b for *_, b in qs.values()],
+                                                 smooth=False).item()
     return data, report
 
 
@@ -774,11 +789,13 @@ def encode_run(run, output, qat_epochs=QAT_EPOCHS, coder="auto", frames_path=Non
             f"({tenerv.plural(len(masks), 'tensor')}): PSNR {metrics_against(model, frames, device)[0]:.2f} dB before fine-tuning")
         qat(model, frames, cc.prune_epochs, device, masks=masks, log=log, float_weights=True)
     steps = qat(model, frames, qat_epochs, device, cc, masks, log=log)
+    psnr_float_after = metrics_against(model, frames, device)[0] if qat_epochs else psnr_float  # what quantizing costs now
     data, report = encode_model(model.cpu(), boundaries, coder, cc, steps)
     decoded, _ = decode_model(data)
     p, m, fps, _ = metrics_against(decoded, frames, torch.device("cpu"))
     T, H, W = cfg.n_frames, cfg.height, cfg.width
     result = dict(bytes=len(data), bpp=8 * len(data) / (T * H * W), psnr=p, msssim=m, psnr_float=psnr_float,
+                  psnr_float_after=psnr_float_after,
                   qat_epochs=qat_epochs, coder=coder, **asdict(cc), rate_estimate_bpp=report["rate_estimate_bits"] / (T * H * W),
                   sections=report["sections"], shares=report["shares"],
                   msssim_scales=tenerv.msssim_scales(H, W))
@@ -791,7 +808,8 @@ def encode_run(run, output, qat_epochs=QAT_EPOCHS, coder="auto", frames_path=Non
     write_bytes_atomic(data, output)  # both files at the end: Ctrl-C before here leaves nothing half-written
     tenerv.write_json_atomic(result, json_path)
     log(f"{output} ({pipeline_text(cc)}): {len(data)} bytes, {result['bpp']:.4f} bpp (estimated {result['rate_estimate_bpp']:.4f} "
-        f"for the weights), PSNR {p:.2f} dB (float {psnr_float:.2f} dB), MS-SSIM {m:.4f}")
+        f"for the weights), PSNR {p:.2f} dB (float {psnr_float:.2f} dB before QAT, {psnr_float_after:.2f} dB after), "
+        f"MS-SSIM {m:.4f}")
     return result
 
 

@@ -485,10 +485,20 @@ def test_rate_term_is_the_histogram_entropy_and_its_gradient_lowers_it():
     x = torch.tensor([0.0, 0, 0, 1, -1, 2])
     h = torch.tensor([0.0] * 6 + [1, 3, 1, 1] + [0.0] * 5)  # -7..7 at 4 bits: counts of -1, 0, 1, 2
     p = (h + 0.5) / (6 + 0.5 * 15)
-    assert compress.rate_bits([x], [4]).item() == pytest.approx(-(h * p.log2()).sum().item(), rel=1e-6)
+    assert compress.rate_bits([x], [4], smooth=False).item() == pytest.approx(-(h * p.log2()).sum().item(), rel=1e-6)
     # between integers, linear: x = 0.25 counts 3/4 at 0 and 1/4 at 1
-    assert compress.rate_bits([torch.tensor([0.25])], [4]).item() == pytest.approx(
+    assert compress.rate_bits([torch.tensor([0.25])], [4], smooth=False).item() == pytest.approx(
         -(0.75 * np.log2(1.25 / 8.5) + 0.25 * np.log2(0.75 / 8.5)), rel=1e-5)  # n + 15 / 2 = 8.5
+    # what QAT descends: a comb (every other value empty) saves a bit per value in the histogram's
+    # own entropy, nothing once the histogram is blurred; the blur keeps each tensor's mass
+    comb, flat = torch.arange(-30, 31, 2.0).repeat(200), torch.arange(-30, 31, 1.0).repeat(100)
+    bits_per_value = lambda x, smooth: compress.rate_bits([x], [6], smooth).item() / len(x)  # noqa: E731
+    assert bits_per_value(flat, False) - bits_per_value(comb, False) == pytest.approx(1, abs=0.05)
+    assert bits_per_value(comb, True) == pytest.approx(bits_per_value(flat, True), abs=0.05)
+    assert bits_per_value(flat, True) == pytest.approx(bits_per_value(flat, False), abs=0.05)
+    a, b = torch.full((50,), 7.0), torch.full((30,), -31.0)  # the last bin of one tensor, the first of the next
+    alone = compress.rate_bits([a], [4]).item() + compress.rate_bits([b], [6]).item()
+    assert compress.rate_bits([a, b], [4, 6]).item() == pytest.approx(alone, rel=1e-6)  # no mass crosses
     # descending the estimate alone makes it smaller, with finite gradients, for tensors of two depths
     xs = [(torch.randn(2000) * 6).clamp(-31, 31).requires_grad_(), (torch.randn(300) * 2).clamp(-7, 7).requires_grad_()]
     first = compress.rate_bits(xs, [6, 4]).item()
