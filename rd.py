@@ -31,12 +31,13 @@ How it counts (the same function for every codec):
 With --ablation, each variant of Table III is trained, compressed and decoded at the same budgets, and
 its BD-rate against the full model is reported with Table III's sign (> 0: the variant needs more bits).
 
-Compression pipelines (compress.py's options): every combination of --bits, --bits-grids and --prune is
-a curve whose points are the budgets times the --lambda values; the first combination (default: 8 bits,
-no pruning, the paper's) is the anchor, the curve "TeNeRV" that the codecs and the ablation variants are
-compared with, and every other pipeline's BD-rate against it is reported (< 0: fewer bits).
+Compression pipelines (compress.py's options): every combination of a --bits entry (N, or N/G: the
+network at N bits, the grids at G) and a --prune fraction is a curve whose points are the budgets
+times the --lambda values; the first combination (default: 8 bits, no pruning, the paper's) is the
+anchor, the curve "TeNeRV" that the codecs and the ablation variants are compared with, and every
+other pipeline's BD-rate against it is reported (< 0: fewer bits).
 
-    python rd.py --frames clip/ --params 0.3M --bits 8,7,6,5 --lambda 0,0.01,0.05 --prune 0,0.15 --codecs x265
+    python rd.py --frames clip/ --params 0.3M --bits 8,7,6,6/5,5 --lambda 0,0.01,0.1 --prune 0,0.15 --codecs x265
 
 Writes OUT/rd.csv (codec, setting, bytes, bpp, psnr_rgb, psnr_yuv, psnr_y, msssim), OUT/rd.png and
 OUT/bd.json. ffmpeg is optional: the one on PATH, else the one in the imageio-ffmpeg package;
@@ -200,8 +201,8 @@ DEFAULT = compress.CompressConfig()  # the paper's compression: 8-bit QAT, no pr
 
 
 def curve_name(ablation="", pipeline=""):
-    """The curve of the full model with the anchor pipeline (the first of --bits, --bits-grids,
-    --prune; by default the paper's 8 bits) is "TeNeRV", a variant's "TeNeRV V1" etc. (Table III),
+    """The curve of the full model with the anchor pipeline (the first of --bits and --prune; by
+    default the paper's 8 bits) is "TeNeRV", a variant's "TeNeRV V1" etc. (Table III),
     another pipeline's e.g. "TeNeRV 6-bit, 15% pruned" (λ varies along a curve, so it is not in the name)."""
     return " ".join(["TeNeRV"] + ([ablation] if ablation else []) + ([pipeline] if pipeline else []))
 
@@ -307,8 +308,7 @@ def evaluate(args):
     except ValueError:
         raise ValueError(f"--crf {args.crf!r}: expected integers separated by commas, e.g. 22,27,32,37") from None
     pipelines = [compress.CompressConfig(bits=b, bits_grids=g, prune=p, prune_epochs=args.prune_epochs if p else 0)
-                 for b in number_list(args.bits, "--bits", int) for g in number_list(args.bits_grids, "--bits-grids", int)
-                 for p in number_list(args.prune, "--prune", float)]
+                 for b, g in bits_list(args.bits) for p in number_list(args.prune, "--prune", float)]
     lambdas = number_list(args.lmbda, "--lambda", float)
     for cc in pipelines:
         compress.check_config(replace(cc, lmbda=min(lambdas)))
@@ -409,6 +409,17 @@ def bd_table(rows):
             "pipelines": {p: versus("TeNeRV", p) for p in pipelines}}
 
 
+def bits_list(text):
+    """'8,6,6/5' -> [(8, 0), (6, 0), (6, 5)]: bits, and bits of the grids (0: the same)."""
+    try:
+        pairs = [tuple(int(n) for n in s.split("/")) for s in text.split(",") if s.strip()]
+        if pairs and all(len(p) in (1, 2) for p in pairs):
+            return [(p[0], p[1] if len(p) == 2 else 0) for p in pairs]
+    except ValueError:
+        pass
+    raise ValueError(f"--bits {text!r}: expected bit depths separated by commas, each N or N/G (grids at G), e.g. 8,6,6/5")
+
+
 def number_list(text, flag, kind):
     """'8,6' -> [8, 6], with a one-line error naming the flag."""
     try:
@@ -480,10 +491,9 @@ def main(argv=None):
     p.add_argument("--qat-epochs", type=int, default=compress.QAT_EPOCHS, help="QAT epochs per budget (default: %(default)s)")
     p.add_argument("--ablation", default="", help="also train and compress these variants of Table III at every budget, "
                    "e.g. V1,V2,V3,V4,V5, and give their BD-rate against the full model")
-    p.add_argument("--bits", default=str(DEFAULT.bits), help="compress.py --bits of each pipeline, comma-separated, "
-                   "e.g. 8,7,6,5; the first (with the first --bits-grids and --prune) is the anchor (default: %(default)s)")
-    p.add_argument("--bits-grids", default=str(DEFAULT.bits_grids), help="compress.py --bits-grids, comma-separated; "
-                   "0: as --bits (default: %(default)s)")
+    p.add_argument("--bits", default=str(DEFAULT.bits), help="compress.py --bits of each pipeline, comma-separated, e.g. "
+                   "8,7,6,5; N/G: the network at N bits, the grids at G (--bits-grids), e.g. 6/5; the first, with the "
+                   "first --prune, is the anchor (default: %(default)s)")
     p.add_argument("--prune", default=f"{DEFAULT.prune:g}", help="compress.py --prune fractions, comma-separated, e.g. 0,0.15 "
                    "(default: %(default)s)")
     p.add_argument("--prune-epochs", type=int, default=DEFAULT.prune_epochs,

@@ -263,6 +263,7 @@ def test_bits_and_lambda_sweep_is_one_plot_with_bd_rates_against_the_anchor(clip
     out = str(tmp_path / "sweep")
     argv = ["--frames", folder, "--params", "8K", "--epochs", "2", "--qat-epochs", "1", "--codecs", "", "--out", out,
             "--bits", "8,6"]
+    assert rd.bits_list("8, 6/5") == [(8, 0), (6, 5)]
     rows, bd = rd.main(argv + ["--lambda", "0,0.5"])
     names = ["tenerv_8K.tnrv", "tenerv_8K_l0.5.tnrv", "tenerv_8K_6bit.tnrv", "tenerv_8K_6bit_l0.5.tnrv"]
     assert all(os.path.exists(os.path.join(out, n)) for n in names)
@@ -279,7 +280,8 @@ def test_bits_and_lambda_sweep_is_one_plot_with_bd_rates_against_the_anchor(clip
     assert text.count("reusing the compressed file") == 4 and text.count(": compressing (") == 2
     assert again[:2] == rows[:2] and len(again) == 6
     for flag, bad, msg in (("--bits", "8,9", "--bits 9: expected 4 to 8"), ("--lambda", "0,x", "--lambda '0,x'"),
-                           ("--prune", "1.5", "--prune 1.5")):
+                           ("--prune", "1.5", "--prune 1.5"), ("--bits", "6/5/4", "each N or N/G"),
+                           ("--bits", "6/3", "--bits-grids 3")):
         with pytest.raises(SystemExit) as e:
             rd.main(["--frames", folder, "--params", "8K", "--out", out, flag, bad])
         assert msg in str(e.value.code) and "\n" not in str(e.value.code)
