@@ -39,6 +39,7 @@ from dataclasses import asdict, fields, replace
 import torch
 
 import tenerv
+import video
 
 TENERV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tenerv.py")
 SUITE = ("bbb320", "bikes64", "carphone", "bikes250")  # built by data/make_clips.py; recipes in data/README.md
@@ -108,7 +109,7 @@ def plan(args):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--clips {item}: {path} is not a folder; give name=DIR, or build the suite "
                                     f"clips with: python data/make_clips.py --out {args.clips_dir}")
-        n_frames = sum(name.lower().endswith(tenerv.IMAGE_EXTENSIONS) for name in os.listdir(path))
+        n_frames = sum(name.lower().endswith(video.IMAGE_EXTENSIONS) for name in os.listdir(path))
         if n_frames == 0:
             raise ValueError(f"--clips {item}: {path} holds no .png/.jpg/.jpeg frames")
         runs += [Run(clip, model, seed, path, n_frames, os.path.join(args.out, clip, f"{model}_s{seed}"))
@@ -259,8 +260,8 @@ def parse_synthetic(text):
     if not m:
         raise ValueError(f"--synthetic {text!r}: expected WxHxT (width, height in pixels, frames), e.g. 1920x1080x600")
     W, H, T = map(int, m.groups())
-    if min(W, H) < tenerv.MIN_SIDE or T < 1:
-        raise ValueError(f"--synthetic {text}: needs frames of at least {tenerv.MIN_SIDE}x{tenerv.MIN_SIDE} px, "
+    if min(W, H) < video.MIN_SIDE or T < 1:
+        raise ValueError(f"--synthetic {text}: needs frames of at least {video.MIN_SIDE}x{video.MIN_SIDE} px, "
                          f"and at least 1 frame")
     return W, H, T
 

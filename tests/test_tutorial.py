@@ -1,4 +1,5 @@
 """tutorial.ipynb runs top to bottom (in a copy of the repository, so runs/ here is untouched)."""
+import glob
 import os
 import re
 import shutil
@@ -12,8 +13,8 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def test_tutorial_executes(tmp_path):
-    for name in ("tenerv.py", "compress.py", "rd.py", "tutorial.ipynb"):
-        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    for name in glob.glob(os.path.join(ROOT, "*.py")) + [os.path.join(ROOT, "tutorial.ipynb")]:
+        shutil.copy(name, tmp_path / os.path.basename(name))
     shutil.copytree(os.path.join(ROOT, "data"), tmp_path / "data")
     nb = nbformat.read(str(tmp_path / "tutorial.ipynb"), as_version=4)
     # raises CellExecutionError (with the cell and its traceback) if any cell fails, incl. its asserts
