@@ -426,7 +426,7 @@ def test_version_1_files_still_decode(rans_file):
         compress.decode_model(repack(v1, version=2))
 
 
-def test_header_fields_of_version_2_are_checked(trained):
+def test_header_fields_of_version_2_are_checked(trained, tmp_path):
     model, state, _, _ = trained
     data, _ = compress.encode_model(model, state["boundaries"], "zstd", compress.CompressConfig(bits=6))
     tens = plain(data, b"TENS")
@@ -448,6 +448,14 @@ def test_header_fields_of_version_2_are_checked(trained):
     for raw, phrase in cases:
         with pytest.raises(compress.FormatError, match=phrase):
             compress.decode_model(with_tens(raw))
+    # through the CLI: the bits field, not the CRC (re-packed with a fresh one), stops decode in one line
+    bad = tmp_path / "bits9.tnrv"
+    bad.write_bytes(with_tens(cases[1][0]))
+    with pytest.raises(SystemExit) as e:
+        compress.main(["decode", str(bad), "--out", str(tmp_path / "frames")])
+    name = next(iter(dict(model.named_parameters())))
+    assert str(e.value.code) == f"error: corrupted: tensor {name} has 9 bits, expected 4 to 8"
+    assert not os.path.exists(tmp_path / "frames") or not os.listdir(tmp_path / "frames")
     # a raw section whose values leave their tensor's range (rANS cannot, raw and zstd can)
     raw = bytearray(plain(data, b"SMAL"))  # (this tiny model has every tensor in SMAL)
     raw[0] = 255
