@@ -325,8 +325,9 @@ class RANSCoder:
     tensor is scaled to its own range, so their histograms are alike, and the prior lets a tensor
     start from the others' histogram rather than a flat one: what small tensors (SMAL) and the
     first blocks of large ones pay for learning their own drops by about a third (not in the paper;
-    measured in the README). Blocks are laid out one after another for all tensors; each is padded
-    to a whole number of lane steps with a pad symbol of probability 1, which costs no bits.
+    measured in docs/compression.md). Blocks are laid out one after another for all tensors; each
+    is padded to a whole number of lane steps with a pad symbol of probability 1, which costs no
+    bits.
     """
 
     PROB_BITS = 16
