@@ -4,6 +4,7 @@ rd.py: where TeNeRV stands against x264, x265 and VVC on your own frames.
     python rd.py --frames data/bbb320 --params 0.05M,0.1M,0.2M,0.4M --epochs 50 --out runs/rd
     python rd.py --frames clip/ --tnrv a.tnrv,b.tnrv --out runs/rd_clip   # score files you already have
     python rd.py --frames clip/ --params 0.1M,0.2M,0.4M --ablation V1,V2,V3,V4,V5 --codecs ""   # Table III
+    python rd.py --frames clip/ --params 0.3M --bits 8,6 --lambda 0,0.01,0.05 --codecs ""        # bits and λ
 
 For every budget in --params, TeNeRV is trained with tenerv.py's defaults (a finished run in
 OUT/tenerv_<budget> with the same configuration is reused), compressed by compress.py (QAT, then
@@ -30,6 +31,14 @@ How it counts (the same function for every codec):
 With --ablation, each variant of Table III is trained, compressed and decoded at the same budgets, and
 its BD-rate against the full model is reported with Table III's sign (> 0: the variant needs more bits).
 
+Compression pipelines (compress.py's options): every combination of a --bits entry (N, or N/G: the
+network at N bits, the grids at G) and a --prune fraction is a curve whose points are the budgets
+times the --lambda values; the first combination (default: 8 bits, no pruning, the paper's) is the
+anchor, the curve "TeNeRV" that the codecs and the ablation variants are compared with, and every
+other pipeline's BD-rate against it is reported (< 0: fewer bits).
+
+    python rd.py --frames clip/ --params 0.3M --bits 8,7,6,6/5,5 --lambda 0,0.01,0.1 --prune 0,0.15 --codecs x265
+
 Writes OUT/rd.csv (codec, setting, bytes, bpp, psnr_rgb, psnr_yuv, psnr_y, msssim), OUT/rd.png and
 OUT/bd.json. ffmpeg is optional: the one on PATH, else the one in the imageio-ffmpeg package;
 without either, rd.py says so and reports TeNeRV alone.
@@ -45,7 +54,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -188,9 +197,28 @@ def code_with(exe, codec, setting, planes, size, chroma, work):
 # -----------------------------------------------------------------------------
 # TeNeRV points
 
-def curve_name(ablation):
-    """The curve of the full model is "TeNeRV", a variant's "TeNeRV V1" etc. (Table III)."""
-    return "TeNeRV" + (f" {ablation}" if ablation else "")
+DEFAULT = compress.CompressConfig()  # the paper's compression: 8-bit QAT, no pruning, no rate term
+
+
+def curve_name(ablation="", pipeline=""):
+    """The curve of the full model with the anchor pipeline (the first of --bits and --prune; by
+    default the paper's 8 bits) is "TeNeRV", a variant's "TeNeRV V1" etc. (Table III),
+    another pipeline's e.g. "TeNeRV 6-bit, 15% pruned" (λ varies along a curve, so it is not in the name)."""
+    return " ".join(["TeNeRV"] + ([ablation] if ablation else []) + ([pipeline] if pipeline else []))
+
+
+def pipeline_name(cc, anchor):
+    """'' for the anchor pipeline, else its compress.pipeline_text without λ."""
+    same = replace(cc, lmbda=0) == replace(anchor, lmbda=0)
+    return "" if same else compress.pipeline_text(replace(cc, lmbda=0))
+
+
+def file_suffix(cc):
+    """How a run's .tnrv file is named for a pipeline: the fields that differ from the paper's
+    compression, e.g. "" (the paper's), "_l0.01", "_6bit_g5_p0.15_pe5_l0.01"."""
+    return ((f"_{cc.bits}bit" if cc.bits != DEFAULT.bits else "") + (f"_g{cc.bits_grids}" if cc.bits_grids else "")
+            + (f"_p{cc.prune:g}" if cc.prune else "") + (f"_pe{cc.prune_epochs}" if cc.prune_epochs else "")
+            + (f"_l{cc.lmbda:g}" if cc.lmbda else ""))
 
 
 def planned_run(frames, budget, args, ablation=""):
@@ -213,23 +241,33 @@ def yuv_matrix(args):
     return args.matrix if os.path.isfile(args.frames) else None
 
 
-def tenerv_run(frames, plan, args, device):
-    """Train (or reuse) the run of one budget, compress it (or reuse the file); returns the .tnrv path."""
+def train_run(frames, plan, args, device):
+    """Train the run of one budget (and variant) unless a finished one is there."""
     cfg, run, done = plan
     if done:
         print(f"{run}: reusing the finished run")
     else:
         print(f"{run}: training for {tenerv.plural(cfg.epochs, 'epoch')}")
         tenerv.fit(cfg, frames, run, device, frames_path=args.frames, size=args.size, matrix=yuv_matrix(args))
-    path, report = run + ".tnrv", run + ".json"
+
+
+def tenerv_file(plan, cc, args):
+    """Compress a finished run with one pipeline (or reuse its file: newer than the run, same QAT
+    epochs and settings); returns the .tnrv path."""
+    _, run, _ = plan
+    path, report = run + file_suffix(cc) + ".tnrv", run + file_suffix(cc) + ".json"
     fresh = (os.path.exists(path) and os.path.exists(report)
-             and os.path.getmtime(path) > os.path.getmtime(os.path.join(run, "metrics.json"))
-             and json.loads(pathlib.Path(report).read_text()).get("qat_epochs") == args.qat_epochs)
+             and os.path.getmtime(path) > os.path.getmtime(os.path.join(run, "metrics.json")))
+    if fresh:
+        saved = json.loads(pathlib.Path(report).read_text())
+        fresh = saved.get("qat_epochs") == args.qat_epochs and all(saved.get(k, getattr(DEFAULT, k)) == v
+                                                                 for k, v in asdict(cc).items())
     if fresh:
         print(f"{path}: reusing the compressed file")
     else:
+        print(f"{path}: compressing ({compress.pipeline_text(cc)}, {tenerv.plural(args.qat_epochs, 'QAT epoch')})")
         compress.encode_run(run, path, args.qat_epochs, frames_path=args.frames, size=args.size, log=lambda s: None,
-                            matrix=args.matrix)
+                            matrix=args.matrix, cc=cc)
     return path
 
 
@@ -269,12 +307,19 @@ def evaluate(args):
         settings = [int(s) for s in args.crf.split(",") if s]
     except ValueError:
         raise ValueError(f"--crf {args.crf!r}: expected integers separated by commas, e.g. 22,27,32,37") from None
+    pipelines = [compress.CompressConfig(bits=b, bits_grids=g, prune=p, prune_epochs=args.prune_epochs if p else 0)
+                 for b, g in bits_list(args.bits) for p in number_list(args.prune, "--prune", float)]
+    lambdas = number_list(args.lmbda, "--lambda", float)
+    for cc in pipelines:
+        compress.check_config(replace(cc, lmbda=min(lambdas)))
     plans = [(v, planned_run(frames, b, args, v)) for v in [""] + variants for b in budgets]
+    # every pipeline at every λ for the full model; the variants with the first pipeline (the anchor)
+    files = [(v, plan, replace(cc, lmbda=lam)) for v, plan in plans for cc in (pipelines[:1] if v else pipelines) for lam in lambdas]
     todo = [run for _, (_, run, done) in plans if not done]
     if todo:  # this can take hours: say so before it starts
         print(f"rd.py will train {tenerv.plural(len(todo), 'run')} of {tenerv.plural(args.epochs, 'epoch')} each "
-              f"({', '.join(todo)}), then {args.qat_epochs} QAT epochs each; every run prints its time after its first "
-              f"epoch, and a rerun of this command reuses the finished ones")
+              f"({', '.join(todo)}), then compress {tenerv.plural(len(files), 'file')} with {args.qat_epochs} QAT epochs "
+              f"each; every run prints its time after its first epoch, and a rerun of this command reuses the finished ones")
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     ref = frames.numpy()
@@ -288,9 +333,12 @@ def evaluate(args):
         print(f"{codec:9s} {str(setting):>16s}  {row['bpp']:.4f} bpp  RGB {row['psnr_rgb']:.2f} dB  "
               f"YUV {row['psnr_yuv']:.2f} dB  MS-SSIM {row['msssim']:.4f}")
 
-    for v, path in [(v, tenerv_run(frames, plan, args, device)) for v, plan in plans] + [("", p) for p in tnrv]:
+    for _, plan in plans:
+        train_run(frames, plan, args, device)
+    points = [(curve_name(v, pipeline_name(cc, pipelines[0])), tenerv_file(plan, cc, args), cc.lmbda) for v, plan, cc in files]
+    for curve, path, lam in points + [("TeNeRV", p, 0) for p in tnrv]:
         rgb, setting = decoded_tenerv(path, frames.shape)
-        add(curve_name(v), setting, os.path.getsize(path), rgb, rgb_to_yuv(rgb, args.chroma))
+        add(curve, setting + (f", λ {lam:g}" if lam else ""), os.path.getsize(path), rgb, rgb_to_yuv(rgb, args.chroma))
 
     skipped = {}
     exe, encoders = find_ffmpeg(args.ffmpeg)
@@ -320,6 +368,7 @@ def evaluate(args):
 
     bd = bd_table(rows)
     bd["skipped"], bd["chroma"], bd["frames"] = skipped, args.chroma, f"{T} x {W}x{H} from {args.frames}"
+    bd["anchor"] = compress.pipeline_text(replace(pipelines[0], lmbda=0))  # what "TeNeRV" is
     write_csv(rows, os.path.join(args.out, "rd.csv"))
     tenerv.write_json_atomic(bd, os.path.join(args.out, "bd.json"))
     plot(rows, os.path.join(args.out, "rd.png"), f"{T} frames {W}x{H}, codecs in {args.chroma[0]}:{args.chroma[1]}:{args.chroma[2]}")
@@ -330,14 +379,18 @@ def evaluate(args):
     for v, d in bd["ablation"].items():
         print(f"{curve_name(v)} vs TeNeRV (Table III): BD-rate {f(d['bd_rate_rgb'], '%')} (RGB), "
               f"{f(d['bd_rate_yuv'], '%')} (YUV); > 0: the variant needs more bits for the same PSNR")
+    for name, d in bd["pipelines"].items():
+        print(f"{name} vs TeNeRV ({bd['anchor']}): BD-rate {f(d['bd_rate_rgb'], '%')} (RGB), {f(d['bd_rate_yuv'], '%')} (YUV); "
+              f"BD-PSNR {f(d['bd_psnr_rgb'], ' dB')} (RGB); < 0: the pipeline needs fewer bits for the same PSNR")
     print("(n/a: a BD figure needs 2+ points on both curves and a PSNR/rate range they share)")
     print(f"wrote {args.out}/rd.csv, rd.png, bd.json")
     return rows, bd
 
 
 def bd_table(rows):
-    """BD figures of TeNeRV against each codec ("vs": < 0, TeNeRV needs fewer bits), and of each
-    variant against TeNeRV ("ablation", Table III's sign: > 0, the variant needs more bits)."""
+    """BD figures of TeNeRV against each codec ("vs": < 0, TeNeRV needs fewer bits), of each variant
+    against TeNeRV ("ablation", Table III's sign: > 0, the variant needs more bits), and of each other
+    compression pipeline against TeNeRV, the anchor pipeline ("pipelines": < 0, the pipeline needs fewer bits)."""
     curve = lambda c, key: tuple(np.array([r[k] for r in rows if r["codec"] == c]) for k in ("bpp", key))  # noqa: E731
 
     def versus(anchor, test):
@@ -349,9 +402,34 @@ def bd_table(rows):
         return d
 
     names = list(dict.fromkeys(r["codec"] for r in rows))
-    variants = [n for n in names if n.startswith("TeNeRV ")]
+    variants = [n for n in names if len(n.split()) == 2 and n.split()[1] in tenerv.ABLATIONS]
+    pipelines = [n for n in names if n.startswith("TeNeRV ") and n not in variants]
     return {"vs": {c: versus(c, "TeNeRV") for c in names if not c.startswith("TeNeRV")},
-            "ablation": {v.split()[1]: versus("TeNeRV", v) for v in variants}}
+            "ablation": {v.split()[1]: versus("TeNeRV", v) for v in variants},
+            "pipelines": {p: versus("TeNeRV", p) for p in pipelines}}
+
+
+def bits_list(text):
+    """'8,6,6/5' -> [(8, 0), (6, 0), (6, 5)]: bits, and bits of the grids (0: the same)."""
+    try:
+        pairs = [tuple(int(n) for n in s.split("/")) for s in text.split(",") if s.strip()]
+        if pairs and all(len(p) in (1, 2) for p in pairs):
+            return [(p[0], p[1] if len(p) == 2 else 0) for p in pairs]
+    except ValueError:
+        pass
+    raise ValueError(f"--bits {text!r}: expected bit depths separated by commas, each N or N/G (grids at G), e.g. 8,6,6/5")
+
+
+def number_list(text, flag, kind):
+    """'8,6' -> [8, 6], with a one-line error naming the flag."""
+    try:
+        values = [kind(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise ValueError(f"{flag} {text!r}: expected {'integers' if kind is int else 'numbers'} separated by commas, e.g. "
+                         f"{'8,6' if kind is int else '0,0.01'}")
+    return values
 
 
 def write_csv(rows, path):
@@ -369,8 +447,9 @@ def plot(rows, path, title):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for codec in dict.fromkeys(r["codec"] for r in rows):
         rs = sorted((r for r in rows if r["codec"] == codec), key=lambda r: r["bpp"])
-        style = dict(marker="o", lw=2.5 if codec == "TeNeRV" else 1.2, label=codec,
-                     ls="--" if codec.startswith("TeNeRV ") else "-")  # Table III's variants dashed
+        variant = len(codec.split()) == 2 and codec.split()[1] in tenerv.ABLATIONS
+        style = dict(marker="o", lw=2.5 if codec == "TeNeRV" else 1.2, label=codec,  # Table III's variants dashed,
+                     ls="--" if variant else ":" if codec.startswith("TeNeRV ") else "-")  # other pipelines dotted
         for ax, key in zip(axes, ("psnr_rgb", "psnr_yuv", "msssim")):
             ax.plot([r["bpp"] for r in rs], [r[key] for r in rs], **style)
     for ax, label in zip(axes, ("PSNR RGB (dB)", "PSNR YUV 6:1:1 (dB)", "MS-SSIM (RGB)")):
@@ -412,6 +491,15 @@ def main(argv=None):
     p.add_argument("--qat-epochs", type=int, default=compress.QAT_EPOCHS, help="QAT epochs per budget (default: %(default)s)")
     p.add_argument("--ablation", default="", help="also train and compress these variants of Table III at every budget, "
                    "e.g. V1,V2,V3,V4,V5, and give their BD-rate against the full model")
+    p.add_argument("--bits", default=str(DEFAULT.bits), help="compress.py --bits of each pipeline, comma-separated, e.g. "
+                   "8,7,6,5; N/G: the network at N bits, the grids at G (--bits-grids), e.g. 6/5; the first, with the "
+                   "first --prune, is the anchor (default: %(default)s)")
+    p.add_argument("--prune", default=f"{DEFAULT.prune:g}", help="compress.py --prune fractions, comma-separated, e.g. 0,0.15 "
+                   "(default: %(default)s)")
+    p.add_argument("--prune-epochs", type=int, default=DEFAULT.prune_epochs,
+                   help="compress.py --prune-epochs of the pruned pipelines (default: %(default)s)")
+    p.add_argument("--lambda", dest="lmbda", default=f"{DEFAULT.lmbda:g}", help="compress.py --lambda values, comma-separated: "
+                   "the points of every pipeline's curve with the budgets, e.g. 0,0.01,0.05 (default: %(default)s)")
     p.add_argument("--tnrv", default="", help="existing .tnrv files of these frames to score, comma-separated")
     p.add_argument("--codecs", default=",".join(CODECS), help=f"any of {', '.join(CODECS)} (default: %(default)s)")
     p.add_argument("--crf", default="22,27,32,37,42,47", help="CRF of x264/x265 and QP of VVC, comma-separated (default: %(default)s)")

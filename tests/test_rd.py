@@ -253,3 +253,35 @@ def test_ablation_trains_compresses_and_compares_each_variant(clip, tmp_path, ca
         rd.main(["--frames", folder, "--params", "8K", "--ablation", "V3", "--out", out])
     with pytest.raises(SystemExit, match="unknown"):
         rd.main(["--frames", folder, "--params", "8K,16K", "--ablation", "V9", "--out", out])
+
+
+def test_bits_and_lambda_sweep_is_one_plot_with_bd_rates_against_the_anchor(clip, tmp_path, capsys):
+    """--bits 8,6 --lambda 0,0.5: one run trained, four files (keyed by bits and λ), two curves of
+    two points, the 6-bit pipeline's BD-rate against the 8-bit one; a rerun reuses every file and a
+    new λ compresses only its own."""
+    folder, _, _ = clip
+    out = str(tmp_path / "sweep")
+    argv = ["--frames", folder, "--params", "8K", "--epochs", "2", "--qat-epochs", "1", "--codecs", "", "--out", out,
+            "--bits", "8,6"]
+    assert rd.bits_list("8, 6/5") == [(8, 0), (6, 5)]
+    rows, bd = rd.main(argv + ["--lambda", "0,0.5"])
+    names = ["tenerv_8K.tnrv", "tenerv_8K_l0.5.tnrv", "tenerv_8K_6bit.tnrv", "tenerv_8K_6bit_l0.5.tnrv"]
+    assert all(os.path.exists(os.path.join(out, n)) for n in names)
+    assert [(r["codec"], r["setting"].split(", ")[-1]) for r in rows] == [
+        ("TeNeRV", rows[0]["setting"]), ("TeNeRV", "λ 0.5"), ("TeNeRV 6-bit", rows[2]["setting"]), ("TeNeRV 6-bit", "λ 0.5")]
+    assert json.load(open(os.path.join(out, "tenerv_8K_6bit_l0.5.json")))["bits"] == 6
+    assert rows[2]["bytes"] < rows[0]["bytes"] and rows[1]["bytes"] < rows[0]["bytes"]  # 6 bits and λ both shrink the file
+    curve = lambda c: ([r["bpp"] for r in rows if r["codec"] == c], [r["psnr_rgb"] for r in rows if r["codec"] == c])  # noqa: E731
+    assert bd["pipelines"]["TeNeRV 6-bit"]["bd_rate_rgb"] == rd.bd_rate(*curve("TeNeRV"), *curve("TeNeRV 6-bit"))
+    assert bd["anchor"] == "8-bit" and json.load(open(os.path.join(out, "bd.json")))["pipelines"] == bd["pipelines"]
+    assert "TeNeRV 6-bit vs TeNeRV (8-bit): BD-rate" in capsys.readouterr().out
+    again, _ = rd.main(argv + ["--lambda", "0,0.5,2"])
+    text = capsys.readouterr().out
+    assert text.count("reusing the compressed file") == 4 and text.count(": compressing (") == 2
+    assert again[:2] == rows[:2] and len(again) == 6
+    for flag, bad, msg in (("--bits", "8,9", "--bits 9: expected 4 to 8"), ("--lambda", "0,x", "--lambda '0,x'"),
+                           ("--prune", "1.5", "--prune 1.5"), ("--bits", "6/5/4", "each N or N/G"),
+                           ("--bits", "6/3", "--bits-grids 3")):
+        with pytest.raises(SystemExit) as e:
+            rd.main(["--frames", folder, "--params", "8K", "--out", out, flag, bad])
+        assert msg in str(e.value.code) and "\n" not in str(e.value.code)
