@@ -517,8 +517,8 @@ def size_model(cfg):
         # channel of it fits in half the grids' share of the budget; a long clip at a small budget
         # (300 frames of 176x144 at 0.3M) would otherwise spend 70% of the budget on grids of one
         # channel. Then a cell spans `stride` positions, still queried at all T + l - 1 by Eq. 1.
-        # Half, not a level's third: a cell per frame is worth +1.0 to +1.1 dB on the clips with
-        # motion (docs/experiments.md), more than the channels the coarser levels give up.
+        # Half, not a level's third: a cell per frame gained +0.68 / +0.78 dB (2 seeds) on bikes64
+        # and carphone at 0.3M (docs/experiments.md), more than the coarser levels' channels.
         fits = max(2, int(cfg.grid_share * cfg.params / 2 / (cfg.base_h * cfg.base_w)))
         cfg = replace(cfg, grid_stride=math.ceil(n_positions / fits))
     sizes = grid_sizes(n_positions, cfg.grid_levels, cfg.grid_stride)
