@@ -106,11 +106,18 @@ def test_durations_read_as_clock_times():
 
 # --- 3. Ctrl-C --------------------------------------------------------------------------------------
 
+def default_sigint():
+    """In the child: SIGINT as a terminal delivers it. A shell that starts pytest in the background
+    (`pytest &` in a script) ignores SIGINT, the child would inherit that, and Python then never raises
+    KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_is_one_line_and_the_printed_command_resumes(clip, tmp_path):
     folder, _, _ = clip
     out = str(tmp_path / "run")
     argv = ["--frames", folder, "--params", "8K", "--epochs", "60", "--out", out]
-    p = subprocess.Popen([sys.executable, "tenerv.py", *argv], cwd=REPO, env=env(), text=True,
+    p = subprocess.Popen([sys.executable, "tenerv.py", *argv], cwd=REPO, env=env(), text=True, preexec_fn=default_sigint,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lines = []
     for line in p.stdout:  # not a terminal: one line per epoch, flushed as it ends
@@ -158,7 +165,7 @@ def test_ctrl_c_names_the_default_out_and_keeps_one_resume(monkeypatch, capsys, 
 def test_compress_encode_ctrl_c_writes_nothing(clip, tmp_path):
     _, run, _ = clip
     out = tmp_path / "clip.tnrv"
-    p = subprocess.Popen([sys.executable, "compress.py", "encode", run, "-o", str(out), "--qat-epochs", "500"], cwd=REPO,
+    p = subprocess.Popen([sys.executable, "compress.py", "encode", run, "-o", str(out), "--qat-epochs", "500"], cwd=REPO, preexec_fn=default_sigint,
                          env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     for line in p.stdout:
         if "QAT" in line and " loss " in line:  # one line per QAT epoch, with its bits, rate, PSNR and ETA
