@@ -71,6 +71,7 @@ class TeNeRVConfig:
     l1_epochs: int = 30          # Sec. IV-A: L1-only epochs out of 300; scales with --epochs
     pretrain_epochs: int = 30    # not in the paper: stage-1 (holistic) epochs out of 300; scales with --epochs
     batch_size: int = 1          # frames per step
+    patches: int = 1             # not in the paper: 1 = whole frames; P > 1 = a step takes batch_size * P random (frame, patch) pairs
     lr: float = 1e-2             # Adam peak learning rate (not in the paper; 1e-2 diverged before the LayerNorm)
     grid_lr: float = 5.0         # learning-rate multiplier of the grids (not in the paper)
     iff_lr: float = 1.0          # learning-rate multiplier of the IFF weights (not in the paper)
@@ -400,15 +401,31 @@ class TeNeRV(nn.Module):
             return X_base
         return self.iff(t, X_base.view(len(t), l, *X_base.shape[1:]))
 
-    def forward(self, t):  # t: (B,) frame indices -> (B, 3, H, W)
+    def margin(self):
+        """Receptive radius of the blocks after block 0 and of the head, in grid cells (rounded up): a
+        crop of block 0's output that reaches this far past a patch gives the patch exactly."""
+        r, S = 0.0, 1
+        for block, s in zip(self.blocks[1:], self.cfg.strides):
+            S *= s
+            r += len(block.units) * (self.cfg.kernel // 2) / S  # 1x1 projection + pixel shuffle: no reach
+        return math.ceil(r + (self.head.kernel_size[0] // 2) / S - 1e-9)
+
+    def forward(self, t, crop=None):  # t: (B,) frame indices -> (B, 3, H, W)
+        """crop = (offsets, (h, w)): frame b continues past block 0 on the h x w grid cells at
+        offsets[b] = (y, x) only, and the output is that window's (h*S, w*S) pixels, uncropped."""
         gop = self.gop_of_frame[t]
         x = self.temporal_features(t)
         if self.gop_grid is not None:
             x = x + self.gop_grid[gop if self.gop_grid.shape[0] > 1 else torch.zeros_like(gop)]  # Eq. 5
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             x = block(x, gop)
+            if i == 0 and crop is not None:
+                (h, w) = crop[1]
+                x = torch.stack([x[b, :, y:y + h, x0:x0 + w] for b, (y, x0) in enumerate(crop[0])])
+        if crop is not None:
+            return self.head(x)
         return self.head(x)[..., : self.cfg.height, : self.cfg.width]  # crop the padding
 
     @torch.no_grad()
@@ -545,6 +562,8 @@ def size_model(cfg):
     cfg, n = sized(lo, grid_channels)
     # fine knob: each hidden channel of the first block's MLPs costs depth * (2 * dim + 1) parameters
     cfg = replace(cfg, dim_hidden0=cfg.dim_hidden0 + round((cfg.params - n) / (cfg.depths[0] * (2 * cfg.dim + 1))))
+    if cfg.patches > 1:
+        patch_tiling(cfg, 0)  # --patches that no tiling of the grid gives: the error now, not at epoch 1
     n = count_params(cfg)
     if abs(n - cfg.params) > 0.01 * cfg.params:
         raise ValueError(f"--params {cfg.params}: the closest model has {n} parameters (more than 1% off); "
@@ -580,6 +599,47 @@ def stage1_epochs(cfg):
 def l1_only_epochs(cfg):
     """Epochs trained with L1 alone (Sec. IV-A: the first 30 of 300), scaled with --epochs."""
     return round(cfg.epochs * cfg.l1_epochs / 300)
+
+
+def patch_tiling(cfg, margin):
+    """not in the paper (HiNeRV trains on patches): cfg.patches tiles of the base grid, the
+    factorisation n_h x n_w that needs the smallest crop. Returns (tiles, offsets, (h, w)): tile p
+    covers grid rows y0:y1 and columns x0:x1; block 0's output is cropped to the h x w window at
+    offsets[p], which holds the tile plus `margin` cells on every side that is not the grid's edge,
+    so the tile's pixels are exactly those of the whole frame (tests/test_tenerv.py)."""
+    Hg, Wg, P = cfg.base_h, cfg.base_w, cfg.patches
+    best = None
+    for nh in (d for d in range(1, P + 1) if P % d == 0 and d <= Hg and P // d <= Wg):
+        nw = P // nh
+        h = Hg if nh == 1 else min(Hg, math.ceil(Hg / nh) + 2 * margin)
+        w = Wg if nw == 1 else min(Wg, math.ceil(Wg / nw) + 2 * margin)
+        if best is None or h * w < best[0]:
+            best = (h * w, nh, nw, h, w)
+    if best is None:
+        raise ValueError(f"--patches {P}: no n_h x n_w split of the {Wg}x{Hg}-cell grid into {P} tiles; use fewer")
+    _, nh, nw, h, w = best
+    ys = [round(i * Hg / nh) for i in range(nh + 1)]
+    xs = [round(i * Wg / nw) for i in range(nw + 1)]
+    tiles = [(ys[a], ys[a + 1], xs[b], xs[b + 1]) for a in range(nh) for b in range(nw)]
+    offsets = [(min(max(y0 - margin, 0), Hg - h), min(max(x0 - margin, 0), Wg - w)) for y0, _, x0, _ in tiles]
+    return tiles, offsets, (h, w)
+
+
+def patch_step(net, frames_dev, t, k, tiling, cfg, l1_only):
+    """Loss (mean over the pairs) and PSNR of each (frame t[b], patch k[b]) pair."""
+    tiles, offsets, size = tiling
+    S, H, W = math.prod(cfg.strides), cfg.height, cfg.width
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=frames_dev.is_cuda):
+        out = net(t, ([offsets[p] for p in k.tolist()], size)).float()
+    loss, psnrs = 0.0, []
+    for b, (ti, p) in enumerate(zip(t.tolist(), k.tolist())):
+        (y0, y1, x0, x1), (oy, ox) = tiles[p], offsets[p]
+        h, w = min(y1 * S, H) - y0 * S, min(x1 * S, W) - x0 * S  # the tile's pixels inside the frame
+        o = out[b:b + 1, :, (y0 - oy) * S:(y0 - oy) * S + h, (x0 - ox) * S:(x0 - ox) * S + w]
+        target = frames_dev[ti:ti + 1, :, y0 * S:y0 * S + h, x0 * S:x0 * S + w].float() / 255
+        loss = loss + distortion(o, target, cfg, l1_only) / len(t)
+        psnrs.append(psnr(o.detach().clamp(0, 1), target))
+    return loss, torch.cat(psnrs)
 
 
 def make_optimizer(model, device):
@@ -736,7 +796,7 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
     last finished epoch and raises KeyboardInterrupt("interrupted at epoch e/E"). Under torchrun each of
     the N processes takes cfg.batch_size frames of every step (N * batch_size); rank 0 writes the checkpoint."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    T, B = cfg.n_frames, cfg.batch_size
+    T, B, P = cfg.n_frames, cfg.batch_size, cfg.patches
     E, E1, E_l1 = cfg.epochs, stage1_epochs(cfg), l1_only_epochs(cfg)
     rank, world = rank_and_world()
     frames_dev = frames.to(device)  # uint8, on every process: a float copy would take 4x the memory
@@ -770,6 +830,7 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
     use_amp = device.type == "cuda"
     model.channels_last = use_amp
     net = data_parallel(model, device)  # torchrun: DDP around the model; else the model itself
+    tiling = patch_tiling(cfg, model.margin()) if P > 1 else None
     last = snapshot()
     last_write = time.time()
     first = state["epoch"]
@@ -780,33 +841,39 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
             if epoch >= E1 and model.stage == 1:
                 optimizer = stage_switch(model, optimizer, state, device, progress.say)
                 net = data_parallel(model, device)  # new parameters (the K copies): wrap them again
-            order = torch.randperm(T, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+            # (frame, patch) pairs t * P + p; P = 1: frames
+            order = torch.randperm(T * P, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
             # running sums stay on the device: reading them (.item()) waits for the GPU, so only
             # the progress line does, a few times a second, and the end of the epoch
             tot_loss = torch.zeros((), dtype=torch.float64, device=device)
             tot_psnr = torch.zeros((), dtype=torch.float64, device=device)
-            for j, batch in enumerate(order.split(world * B)):  # the same order on every process
+            for j, batch in enumerate(order.split(world * B * P)):  # the same order on every process
                 step = epoch * steps_per_epoch + j
                 for g in optimizer.param_groups:
                     g["lr"] = lr_at(step, n_steps, cfg) * g["scale"]
-                t = batch[rank * B:(rank + 1) * B]  # this process's share of the step (all of it without torchrun)
+                t = batch[rank * B * P:(rank + 1) * B * P]  # this process's share of the step (all of it without torchrun)
                 # not in the paper: DDP averages the N processes' gradients, so each weighs its mean loss by N times
                 # its share of the step's frames: the step follows the mean over all of them even when the epoch's
                 # last step leaves a process fewer frames or none (it runs a frame at weight 0 to join the all-reduce)
                 n, share = len(t), len(t) * world / len(batch)
-                t = (t if n else batch[:1]).to(device)
-                target = frames_dev[t].float() / 255
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):  # not in the paper: bf16 on CUDA
-                    out = net(t)
-                out = out.float()
-                loss = distortion(out, target, cfg, l1_only=epoch < E_l1)
+                t = t if n else batch[:1]
+                if P == 1:
+                    t = t.to(device)
+                    target = frames_dev[t].float() / 255
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):  # not in the paper: bf16 on CUDA
+                        out = net(t)
+                    out = out.float()
+                    loss = distortion(out, target, cfg, l1_only=epoch < E_l1)
+                    psnrs = psnr(out.detach().clamp(0, 1), target)
+                else:
+                    loss, psnrs = patch_step(net, frames_dev, (t // P).to(device), t % P, tiling, cfg, epoch < E_l1)
                 optimizer.zero_grad(set_to_none=True)
                 (loss * share).backward()
                 optimizer.step()
-                tot_loss += loss.detach() * n
-                tot_psnr += psnr(out.detach().clamp(0, 1), target)[:n].sum()
+                tot_loss += loss.detach() * n / P  # sums per frame: a patch counts 1/P
+                tot_psnr += psnrs[:n].sum() / P
                 if progress.due():
-                    seen = j * B + n
+                    seen = (j * B * P + n) / P
                     progress.update(epoch, j + 1, steps_per_epoch, tot_loss.item() / seen, tot_psnr.item() / seen,
                                     f"stage {model.stage}")
             if world > 1:  # the epoch's sums over every process's frames
@@ -883,6 +950,9 @@ def make_parser():
     p.add_argument("--ablation", default="full", choices=("full",) + ABLATIONS,  # "full" is the config's ""
                    help="the full TeNeRV or a variant of Table III (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="frames per training step (default: %(default)s)")
+    p.add_argument("--patches", type=int, default=d.patches,
+                   help="train on patches: each step takes --batch-size frames' worth of random (frame, patch) pairs, "
+                        "P patches per frame (not in the paper; default: %(default)s = whole frames)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak Adam learning rate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<frames name>_<params>)")
@@ -969,7 +1039,8 @@ def describe(cfg):
             (f"loss: L1 for {epochs(1, E_l1)}, then " if E_l1 else "loss: ")
             + f"{cfg.l1_weight} L1 + {cfg.msssim_weight} (1 - MS-SSIM)",
             f"optimiser: Adam, peak lr {cfg.lr:g} (grids x{cfg.grid_lr:g}), {cfg.warmup:.0%} warm-up then cosine, "
-            f"{plural(cfg.batch_size, 'frame')} per step, seed {cfg.seed}",
+            f"{plural(cfg.batch_size, 'frame')} per step" + (f" as {cfg.batch_size * cfg.patches} random patches "
+            f"(1/{cfg.patches} of a frame each)" if cfg.patches > 1 else "") + f", seed {cfg.seed}",
             f"size: base grids {n['grids.']} + GoP grid {n['gop_grid']} + IFF windows {n['iff.']} + network "
             f"{n[''] - n['grids.'] - n['gop_grid'] - n['iff.']}" + (f" + copies for {plural(K - 1, 'more GoP')} "
                                                                    f"{total - n['']}" if K > 1 else "") + f" (--params {cfg.params})",
@@ -981,6 +1052,8 @@ def run(args):
         raise ValueError(f"--epochs {args.epochs}: must be at least 1")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.patches < 1:
+        raise ValueError(f"--patches {args.patches}: must be at least 1 (1 = whole frames)")
     for flag, n in (("--pretrain-epochs", args.pretrain_epochs), ("--l1-epochs", args.l1_epochs)):
         if not 0 <= n <= 300:
             raise ValueError(f"{flag} {n}: epochs per 300 of --epochs, between 0 and 300")
@@ -1021,7 +1094,7 @@ def run(args):
         n_frames=T, height=H, width=W, params=parse_params(args.params), strides=strides,
         gops=args.gops, min_gop=args.min_gop, window=args.window, ablation=ablation,
         epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, l1_epochs=args.l1_epochs,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed))
+        batch_size=args.batch_size, patches=args.patches, lr=args.lr, seed=args.seed))
     log(f"video: {plural(T, 'frame')} of {W}x{H} from {args.frames or 'random frames (--synthetic)'}")
     log("\n".join(describe(cfg)))
     if world > 1:

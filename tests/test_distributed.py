@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -33,25 +34,29 @@ def free_port():
 
 # --- one video, two processes ----------------------------------------------------------------------
 
-def test_two_processes_of_one_frame_train_like_one_process_of_two(tmp_path):
-    """torchrun, 2 processes x --batch-size 1 = 1 process x --batch-size 2: the same frames in each step,
+@pytest.mark.parametrize("patches", [1, 2])
+def test_two_processes_of_one_frame_train_like_one_process_of_two(tmp_path, patches):
+    """torchrun, 2 processes x --batch-size 1 = 1 process x --batch-size 2: the same frames (--patches 2: the
+    same (frame, patch) pairs) in each step,
     the gradients averaged, the same GoPs, so the same weights (up to float rounding: a sum over 2 frames
     in another order, which Adam magnifies where a gradient is near 0) through the stage switch."""
     clip = write_frames(str(tmp_path / "clip"), sample_frames(5, size=(40, 24)).permute(0, 2, 3, 1).numpy())
-    one = subprocess.run([sys.executable, "tenerv.py", "--frames", clip, *TINY, "--batch-size", "2",
+    TINY_P = TINY + ["--patches", str(patches)]
+    one = subprocess.run([sys.executable, "tenerv.py", "--frames", clip, *TINY_P, "--batch-size", "2",
                           "--out", str(tmp_path / "one")], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "tenerv.py", "--frames", clip, *TINY, "--batch-size", "1", "--out", str(tmp_path / "two")],
+                          "tenerv.py", "--frames", clip, *TINY_P, "--batch-size", "1", "--out", str(tmp_path / "two")],
                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("video: 5 frames") == 1 and two.stdout.count("PSNR") == 1  # rank 0 prints for all
     assert "torchrun: world_size 2, 2 processes x 1 frame = 2 per step" in two.stdout
     a, b = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("one", "two"))
-    assert a["stage"] == b["stage"] == 2 and a["state"]["boundaries"] == b["state"]["boundaries"] == [1]
-    # the test covers a step whose two frames sit in different GoPs (frame 0 is GoP 0, frames 1-4 GoP 1)
-    orders = [torch.randperm(5, generator=torch.Generator().manual_seed(e)) for e in (2, 3)]  # seed 0: epochs 3, 4
-    assert any((s[0] == 0) != (s[1] == 0) for order in orders for s in order.split(2) if len(s) == 2)
+    assert a["stage"] == b["stage"] == 2 and a["state"]["boundaries"] == b["state"]["boundaries"]
+    (cut,) = a["state"]["boundaries"]  # [1] with whole frames
+    # the test covers a step whose frames sit in different GoPs
+    orders = [torch.randperm(5 * patches, generator=torch.Generator().manual_seed(e)) // patches for e in (2, 3)]  # seed 0: epochs 3, 4
+    assert any(len(set((s < cut).tolist())) == 2 for order in orders for s in order.split(2 * patches))
     for name, w in a["model"].items():
         assert torch.allclose(w, b["model"][name], rtol=0, atol=1e-4), (name, (w - b["model"][name]).abs().max())
     for x, y in zip(a["state"]["history"], b["state"]["history"]):  # the loss over all 5 frames, from both ranks

@@ -125,6 +125,8 @@ def test_bad_flags(tmp_path):
     assert "--epochs 0" in cli_error(["--frames", folder, "--epochs", "0"])
     assert "--batch-size 0" in cli_error(["--frames", folder, "--batch-size", "0"])
     assert "--window 0" in cli_error(["--frames", folder, "--window", "0"])
+    assert "--patches 0" in cli_error(["--frames", folder, "--patches", "0"])
+    assert "--patches 97: no n_h x n_w split" in cli_error(["--frames", folder, "--patches", "97", "--dry-run"])
     assert "--min-gop -1" in cli_error(["--frames", folder, "--gops", "2", "--min-gop", "-1"])
     (tmp_path / "odd.yuv").write_bytes(bytes(31 * 16 * 3))
     assert "--size 31x16" in cli_error(["--frames", str(tmp_path / "odd.yuv"), "--size", "31x16"])
@@ -145,6 +147,73 @@ def test_shapes_and_crop():
     X_base = model.grids(torch.arange(cfg.n_frames + cfg.window - 1))
     assert X_base.shape == (cfg.n_frames + cfg.window - 1, sum(cfg.grid_channels), 6, 10)  # Eq. 3: T + l - 1
     assert model.temporal_features(t).shape == (3, sum(cfg.grid_channels), 6, 10)
+
+
+@pytest.mark.parametrize("size, strides, P", [((24, 40), (2, 2), 2), ((22, 38), (2, 2), 4), ((36, 64), (4, 2), 6),
+                                             ((40, 40), (2, 2), 9)])
+def test_patches_are_exact_crops_of_the_frame(size, strides, P):
+    """--patches: the tiles cover the grid once, and a tile computed from its crop window of block 0's
+    output equals the same pixels of the whole frame (the margin reaches every conv's receptive field)."""
+    H, W = size
+    cfg = tiny_cfg(height=H, width=W, strides=strides, patches=P, params=20000, depths=(2, 2, 1), expansions=(2, 1, 1))
+    torch.manual_seed(0)
+    model = tenerv.TeNeRV(cfg)
+    with torch.no_grad():  # the head's and the units' biases non-zero, so that padding would show
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tiles, offsets, (h, w) = tenerv.patch_tiling(cfg, model.margin())
+    cover = torch.zeros(cfg.base_h, cfg.base_w, dtype=torch.long)
+    for y0, y1, x0, x1 in tiles:
+        cover[y0:y1, x0:x1] += 1
+    assert len(tiles) == P and (cover == 1).all()
+    t = torch.arange(P) % cfg.n_frames
+    S = math.prod(cfg.strides)
+    with torch.no_grad():
+        full = model(t)
+        crops = model(t, (offsets, (h, w)))
+        loss, psnrs = tenerv.patch_step(model, (full.clamp(0, 1) * 255).round().to(torch.uint8), t, torch.arange(P),
+                                        (tiles, offsets, (h, w)), cfg, l1_only=True)
+    assert crops.shape == (P, 3, h * S, w * S)
+    for p, ((y0, y1, x0, x1), (oy, ox)) in enumerate(zip(tiles, offsets)):
+        assert oy <= y0 and y1 <= oy + h and ox <= x0 and x1 <= ox + w
+        ph, pw = min(y1 * S, H) - y0 * S, min(x1 * S, W) - x0 * S
+        got = crops[p, :, (y0 - oy) * S:(y0 - oy) * S + ph, (x0 - ox) * S:(x0 - ox) * S + pw]
+        torch.testing.assert_close(got, full[p, :, y0 * S:y0 * S + ph, x0 * S:x0 * S + pw], rtol=0, atol=1e-5)
+    # patch_step compares each pair with its own frame's tile: its loss is the mean L1 of the tiles of the
+    # whole frames against those frames (here the model's own output, rounded to 8 bits)
+    frames = (full.clamp(0, 1) * 255).round()
+    expect = []
+    for p, (y0, y1, x0, x1) in enumerate(tiles):
+        a = full[p, :, y0 * S:y1 * S, x0 * S:x1 * S]
+        expect.append((a - frames[p, :, y0 * S:y1 * S, x0 * S:x1 * S] / 255).abs().mean())
+    torch.testing.assert_close(loss, torch.stack(expect).mean(), rtol=1e-4, atol=1e-6)
+    assert psnrs.shape == (P,) and (psnrs > 45).all()
+    if P > 1:
+        with pytest.raises(AssertionError):  # without the margin it is not exact (the check can fail)
+            tiles1, offsets1, (h1, w1) = tenerv.patch_tiling(cfg, 0)
+            crops1 = model(t, (offsets1, (h1, w1)))
+            for p, ((y0, y1, x0, x1), (oy, ox)) in enumerate(zip(tiles1, offsets1)):
+                ph, pw = min(y1 * S, H) - y0 * S, min(x1 * S, W) - x0 * S
+                got = crops1[p, :, (y0 - oy) * S:(y0 - oy) * S + ph, (x0 - ox) * S:(x0 - ox) * S + pw]
+                torch.testing.assert_close(got, full[p, :, y0 * S:y0 * S + ph, x0 * S:x0 * S + pw], rtol=0, atol=1e-5)
+
+
+def test_patch_training_sees_every_pair_once_per_epoch(tmp_path, monkeypatch):
+    cfg = tiny_cfg(patches=3, epochs=3)
+    seen = []
+    step = tenerv.patch_step
+
+    def spy(net, frames_dev, t, k, *a):
+        seen.append(list(zip(t.tolist(), k.tolist())))
+        return step(net, frames_dev, t, k, *a)
+    monkeypatch.setattr(tenerv, "patch_step", spy)
+    frames = sample_frames(8, size=(40, 24))
+    model, state = tenerv.train(replace(cfg, batch_size=2), frames, str(tmp_path / "run"), torch.device("cpu"), log=lambda s: None)
+    assert len(seen) == 3 * 4 and all(len(s) == 6 for s in seen)  # 2 frames' worth = 6 pairs per step, 4 steps per epoch
+    for e in range(3):
+        pairs = [p for s in seen[4 * e:4 * e + 4] for p in s]
+        assert sorted(pairs) == [(t, k) for t in range(8) for k in range(3)]
+    assert state["history"][-1]["psnr"] > state["history"][0]["psnr"]
 
 
 def test_grid_linear_interpolation():
