@@ -168,17 +168,23 @@ def test_patches_are_exact_crops_of_the_frame(size, strides, P):
     assert len(tiles) == P and (cover == 1).all()
     t = torch.arange(P) % cfg.n_frames
     S = math.prod(cfg.strides)
+
+    def assert_tiles_match(margin):  # each tile, computed from its crop window, against the whole frame
+        tiles, offsets, (h, w) = tenerv.patch_tiling(cfg, margin)
+        with torch.no_grad():
+            crops = model(t, (offsets, (h, w)))
+        assert crops.shape == (P, 3, h * S, w * S)
+        for p, ((y0, y1, x0, x1), (oy, ox)) in enumerate(zip(tiles, offsets)):
+            assert oy <= y0 and y1 <= oy + h and ox <= x0 and x1 <= ox + w
+            ph, pw = min(y1 * S, H) - y0 * S, min(x1 * S, W) - x0 * S
+            got = crops[p, :, (y0 - oy) * S:(y0 - oy) * S + ph, (x0 - ox) * S:(x0 - ox) * S + pw]
+            torch.testing.assert_close(got, full[p, :, y0 * S:y0 * S + ph, x0 * S:x0 * S + pw], rtol=0, atol=1e-5)
+
     with torch.no_grad():
         full = model(t)
-        crops = model(t, (offsets, (h, w)))
         loss, psnrs = tenerv.patch_step(model, (full.clamp(0, 1) * 255).round().to(torch.uint8), t, torch.arange(P),
                                         (tiles, offsets, (h, w)), cfg, l1_only=True)
-    assert crops.shape == (P, 3, h * S, w * S)
-    for p, ((y0, y1, x0, x1), (oy, ox)) in enumerate(zip(tiles, offsets)):
-        assert oy <= y0 and y1 <= oy + h and ox <= x0 and x1 <= ox + w
-        ph, pw = min(y1 * S, H) - y0 * S, min(x1 * S, W) - x0 * S
-        got = crops[p, :, (y0 - oy) * S:(y0 - oy) * S + ph, (x0 - ox) * S:(x0 - ox) * S + pw]
-        torch.testing.assert_close(got, full[p, :, y0 * S:y0 * S + ph, x0 * S:x0 * S + pw], rtol=0, atol=1e-5)
+    assert_tiles_match(model.margin())
     # patch_step compares each pair with its own frame's tile: its loss is the mean L1 of the tiles of the
     # whole frames against those frames (here the model's own output, rounded to 8 bits)
     frames = (full.clamp(0, 1) * 255).round()
@@ -190,12 +196,7 @@ def test_patches_are_exact_crops_of_the_frame(size, strides, P):
     assert psnrs.shape == (P,) and (psnrs > 45).all()
     if P > 1:
         with pytest.raises(AssertionError):  # without the margin it is not exact (the check can fail)
-            tiles1, offsets1, (h1, w1) = tenerv.patch_tiling(cfg, 0)
-            crops1 = model(t, (offsets1, (h1, w1)))
-            for p, ((y0, y1, x0, x1), (oy, ox)) in enumerate(zip(tiles1, offsets1)):
-                ph, pw = min(y1 * S, H) - y0 * S, min(x1 * S, W) - x0 * S
-                got = crops1[p, :, (y0 - oy) * S:(y0 - oy) * S + ph, (x0 - ox) * S:(x0 - ox) * S + pw]
-                torch.testing.assert_close(got, full[p, :, y0 * S:y0 * S + ph, x0 * S:x0 * S + pw], rtol=0, atol=1e-5)
+            assert_tiles_match(0)
 
 
 def test_patch_training_sees_every_pair_once_per_epoch(tmp_path, monkeypatch):
