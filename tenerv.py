@@ -68,7 +68,7 @@ class TeNeRVConfig:
     ablation: str = ""           # "" (full TeNeRV) or V1..V5 of Table III
     # training (Sec. III-C, IV-A)
     epochs: int = 300            # total epochs of both stages (Sec. IV-A)
-    l1_epochs: int = 30          # Sec. IV-A: L1-only epochs out of 300; scales with --epochs
+    l1_epochs: int = 0           # L1-only epochs out of 300, scaled with --epochs; not in the paper: Sec. IV-A has 30
     pretrain_epochs: int = 30    # not in the paper: stage-1 (holistic) epochs out of 300; scales with --epochs
     batch_size: int = 1          # frames per step
     patches: int = 1             # not in the paper: 1 = whole frames; P > 1 = a step takes batch_size * P random (frame, patch) pairs
@@ -76,6 +76,7 @@ class TeNeRVConfig:
     grid_lr: float = 5.0         # learning-rate multiplier of the grids (not in the paper)
     iff_lr: float = 1.0          # learning-rate multiplier of the IFF weights (not in the paper)
     warmup: float = 0.03         # fraction of steps of linear warm-up, then cosine to 0 (not in the paper)
+    clip_grad: float = 1.0       # not in the paper (HiNeRV's): the gradient's global norm is clipped to this; 0 = off
     l1_weight: float = 0.7       # loss after the L1 epochs = l1_weight * L1 + msssim_weight * (1 - MS-SSIM);
     msssim_weight: float = 0.3   # not in the paper: it names the two terms, not their weights (HiNeRV's 0.7/0.3)
     seed: int = 0
@@ -592,12 +593,14 @@ def distortion(out, target, cfg, l1_only=False):
 
 def stage1_epochs(cfg):
     """Epochs of stage 1 (holistic pre-training). Not in the paper, which gives no length: by
-    default the 30 of 300 L1-only epochs of Sec. IV-A, scaled with --epochs (pretrain_epochs)."""
+    default 30 of 300 (the length of Sec. IV-A's L1-only phase), scaled with --epochs (pretrain_epochs)."""
     return max(1, round(cfg.epochs * cfg.pretrain_epochs / 300))
 
 
 def l1_only_epochs(cfg):
-    """Epochs trained with L1 alone (Sec. IV-A: the first 30 of 300), scaled with --epochs."""
+    """Epochs trained with L1 alone, scaled with --epochs. Sec. IV-A trains its first 30 of 300 epochs so
+    (`l1_epochs=30`); not in the paper: none by default, the hybrid loss from the first epoch, which
+    gained on every clip of the suite at 50 epochs (docs/experiments.md)."""
     return round(cfg.epochs * cfg.l1_epochs / 300)
 
 
@@ -869,6 +872,8 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
                     loss, psnrs = patch_step(net, frames_dev, (t // P).to(device), t % P, tiling, cfg, epoch < E_l1)
                 optimizer.zero_grad(set_to_none=True)
                 (loss * share).backward()
+                if cfg.clip_grad > 0:  # not in the paper (HiNeRV clips): no frame's step outweighs the others
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                 optimizer.step()
                 tot_loss += loss.detach() * n / P  # sums per frame: a patch counts 1/P
                 tot_psnr += psnrs[:n].sum() / P
@@ -942,7 +947,7 @@ def make_parser():
     p.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs,
                    help="stage-1 epochs per 300 of --epochs; not in the paper (default: %(default)s)")
     p.add_argument("--l1-epochs", type=int, default=d.l1_epochs,
-                   help="L1-only epochs per 300 of --epochs, Sec. IV-A (default: %(default)s)")
+                   help="L1-only epochs per 300 of --epochs; the paper's Sec. IV-A: 30 (default: %(default)s)")
     p.add_argument("--gops", type=int, default=d.gops, help="K, number of GoPs (default: T/16, 1 to 8, fewer if the copies would take > 5%% of --params)")
     p.add_argument("--min-gop", type=int, default=d.min_gop, help="L_min of Algorithm 1, frames (default: T/(2K))")
     p.add_argument("--window", type=int, default=d.window, help="l, IFF window, frames (Eq. 2) (default: %(default)s)")
@@ -954,6 +959,8 @@ def make_parser():
                    help="train on patches: each step takes --batch-size frames' worth of random (frame, patch) pairs, "
                         "P patches per frame (not in the paper; default: %(default)s = whole frames)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak Adam learning rate (default: %(default)s)")
+    p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="clip the gradient's global norm to this "
+                   "before each step; 0 = off; not in the paper (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<frames name>_<params>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -1039,7 +1046,8 @@ def describe(cfg):
             (f"loss: L1 for {epochs(1, E_l1)}, then " if E_l1 else "loss: ")
             + f"{cfg.l1_weight} L1 + {cfg.msssim_weight} (1 - MS-SSIM)",
             f"optimiser: Adam, peak lr {cfg.lr:g} (grids x{cfg.grid_lr:g}), {cfg.warmup:.0%} warm-up then cosine, "
-            f"{plural(cfg.batch_size, 'frame')} per step" + (f" as {cfg.batch_size * cfg.patches} random patches "
+            + (f"gradient norm clipped to {cfg.clip_grad:g}, " if cfg.clip_grad > 0 else "")
+            + f"{plural(cfg.batch_size, 'frame')} per step" + (f" as {cfg.batch_size * cfg.patches} random patches "
             f"(1/{cfg.patches} of a frame each)" if cfg.patches > 1 else "") + f", seed {cfg.seed}",
             f"size: base grids {n['grids.']} + GoP grid {n['gop_grid']} + IFF windows {n['iff.']} + network "
             f"{n[''] - n['grids.'] - n['gop_grid'] - n['iff.']}" + (f" + copies for {plural(K - 1, 'more GoP')} "
@@ -1094,7 +1102,7 @@ def run(args):
         n_frames=T, height=H, width=W, params=parse_params(args.params), strides=strides,
         gops=args.gops, min_gop=args.min_gop, window=args.window, ablation=ablation,
         epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, l1_epochs=args.l1_epochs,
-        batch_size=args.batch_size, patches=args.patches, lr=args.lr, seed=args.seed))
+        batch_size=args.batch_size, patches=args.patches, lr=args.lr, clip_grad=args.clip_grad, seed=args.seed))
     log(f"video: {plural(T, 'frame')} of {W}x{H} from {args.frames or 'random frames (--synthetic)'}")
     log("\n".join(describe(cfg)))
     if world > 1:

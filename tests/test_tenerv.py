@@ -616,6 +616,34 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
         tenerv.train(replace(cfg, lr=1e-3), frames, str(tmp_path / "b"), cpu, resume=True)
 
 
+def test_gradient_norm_is_clipped_before_each_adam_step(tmp_path, monkeypatch):
+    """clip_grad: every Adam step (both stages) sees a gradient of global norm <= clip_grad; 0 = left alone."""
+    norms = []
+    make = tenerv.make_optimizer
+
+    def spy(model, device):  # the optimiser of both stages, its step reading the gradient's global norm first
+        optimizer = make(model, device)
+        step = optimizer.step
+
+        def checked(*a, **kw):
+            grads = [p.grad.norm() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            norms.append(torch.stack(grads).norm().item())
+            return step(*a, **kw)
+        optimizer.step = checked
+        return optimizer
+    monkeypatch.setattr(tenerv, "make_optimizer", spy)
+    frames = sample_frames(8, size=(40, 24))
+    for clip in (1e-3, 0.0):
+        norms.clear()
+        tenerv.train(tiny_cfg(clip_grad=clip, epochs=2), frames, str(tmp_path / f"clip{clip}"), torch.device("cpu"),
+                     log=lambda s: None)
+        assert len(norms) == 2 * 8  # a step per frame, 2 epochs
+        if clip:
+            assert max(norms) <= clip * 1.001
+        else:
+            assert min(norms) > 1e-3  # unclipped, every step's gradient is larger than the clip above
+
+
 def test_learning_rate_warms_up_then_decays_to_zero():
     cfg = TeNeRVConfig(lr=1e-2, warmup=0.1)
     lrs = [tenerv.lr_at(step, 100, cfg) for step in range(100)]
@@ -642,6 +670,9 @@ def test_loss_is_l1_for_the_l1_epochs_then_adds_msssim(tmp_path, monkeypatch):
                                          l1_epochs=150, batch_size=4, checkpoint_seconds=1e9))  # 2 of 4 epochs L1
     tenerv.train(cfg, sample_frames(4, size=(40, 24)), str(tmp_path / "run"), torch.device("cpu"), log=lambda *a: None)
     assert flags == [True, True, False, False]  # one step per epoch
+    assert tenerv.l1_only_epochs(TeNeRVConfig(epochs=300)) == 0  # the default: the hybrid loss from the start
+    assert tenerv.l1_only_epochs(TeNeRVConfig(epochs=300, l1_epochs=30)) == 30  # Sec. IV-A's 30 of 300
+    assert tenerv.l1_only_epochs(TeNeRVConfig(epochs=50, l1_epochs=30)) == 5  # scaled with --epochs
 
 
 def test_stage_switch_copies_the_adam_moments():
@@ -779,7 +810,7 @@ def test_stage_switch_uses_each_variants_rule(tmp_path):
 def test_pretraining_length_is_its_own_setting():
     cfg = TeNeRVConfig(epochs=50, pretrain_epochs=60, l1_epochs=30)
     assert tenerv.stage1_epochs(cfg) == 10 and tenerv.l1_only_epochs(cfg) == 5
-    assert tenerv.stage1_epochs(TeNeRVConfig(epochs=50)) == tenerv.l1_only_epochs(TeNeRVConfig(epochs=50)) == 5
+    assert tenerv.stage1_epochs(TeNeRVConfig(epochs=50)) == 5 and tenerv.l1_only_epochs(TeNeRVConfig(epochs=50)) == 0
 
 
 def test_per_frame_windows_from_the_start_when_not_shared():
