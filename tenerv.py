@@ -1062,6 +1062,8 @@ def run(args):
         raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.patches < 1:
         raise ValueError(f"--patches {args.patches}: must be at least 1 (1 = whole frames)")
+    if not args.clip_grad >= 0:  # also NaN
+        raise ValueError(f"--clip-grad {args.clip_grad}: must be 0 (off) or more, e.g. 1.0")
     for flag, n in (("--pretrain-epochs", args.pretrain_epochs), ("--l1-epochs", args.l1_epochs)):
         if not 0 <= n <= 300:
             raise ValueError(f"{flag} {n}: epochs per 300 of --epochs, between 0 and 300")
