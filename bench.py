@@ -46,7 +46,7 @@ SUITE = ("bbb320", "bikes64", "carphone", "bikes250")  # built by data/make_clip
 MODELS = ("full",) + tenerv.ABLATIONS                   # full TeNeRV and the variants of Table III
 SET_BY_BENCH = ("--frames", "--params", "--epochs", "--seed", "--ablation", "--out", "--resume")
 CSV_FIELDS = ("clip", "model", "seed", "psnr", "msssim", "s_per_epoch", "decode_fps", "params", "epochs",
-              "gop_boundaries")
+              "gop_boundaries", "patches")
 
 # Reference figures, float PSNR in dB: measured with the peers' public code at 0.30M parameters, 50 epochs,
 # float PSNR (mean of per-frame RGB PSNR), one thread, 2-core VM, their own training recipes; see the
@@ -174,7 +174,8 @@ def collect(args, runs):
         rows.append(dict(clip=run.clip, model=run.model, seed=run.seed, psnr=round(m["psnr"], 4),
                          msssim=round(m["msssim"], 5), s_per_epoch=round(m["seconds_per_epoch"], 2),
                          decode_fps=round(m["decode_fps"], 1), params=m["params"], epochs=m["epochs"],
-                         gop_boundaries=json.dumps(m["gop_boundaries"]), size=f"{m['config']['width']}x"
+                         gop_boundaries=json.dumps(m["gop_boundaries"]), patches=m.get("patches", m["config"]["patches"]),
+                         size=f"{m['config']['width']}x"
                          f"{m['config']['height']}"))
     return rows
 
@@ -229,6 +230,8 @@ def write_report(args, runs, rows, argv):
     for clip in dict.fromkeys(run.clip for run in runs):
         first = next(run for run in runs if run.clip == clip)
         size = next((", " + r["size"] for r in rows if r["clip"] == clip), "")
+        P = sorted({r["patches"] for r in rows if r["clip"] == clip})  # --patches 0 chose it from the frames
+        size += f", trained on {' or '.join(map(str, P))} patch{'es' if P != [1] else ''} per frame" if P else ""
         md += [f"## {clip}: {first.n_frames} frames{size} ({first.frames})", "",
                f"| model | PSNR seed {per_seed(seeds, 'd')} (dB) | mean PSNR | MS-SSIM | s/epoch | decode frames/s "
                f"| full − model, seed {per_seed(seeds, 'd')} (dB) | mean ± sd |",

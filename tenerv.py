@@ -71,7 +71,8 @@ class TeNeRVConfig:
     l1_epochs: int = 0           # L1-only epochs out of 300, scaled with --epochs; not in the paper: Sec. IV-A has 30
     pretrain_epochs: int = 30    # not in the paper: stage-1 (holistic) epochs out of 300; scales with --epochs
     batch_size: int = 1          # frames per step
-    patches: int = 1             # not in the paper: 1 = whole frames; P > 1 = a step takes batch_size * P random (frame, patch) pairs
+    patches: int = 0             # not in the paper: 1 = whole frames; P > 1 = a step takes batch_size * P random (frame, patch)
+                                 # pairs; 0 = chosen from the frames (choose_patches: 2 for fast motion and cuts, else 1)
     lr: float = 1e-2             # Adam peak learning rate (not in the paper; 1e-2 diverged before the LayerNorm)
     grid_lr: float = 5.0         # learning-rate multiplier of the grids (not in the paper)
     iff_lr: float = 1.0          # learning-rate multiplier of the IFF weights (not in the paper)
@@ -604,6 +605,29 @@ def l1_only_epochs(cfg):
     return round(cfg.epochs * cfg.l1_epochs / 300)
 
 
+FAST_MOTION_PSNR = 26.5  # dB; not in the paper: below it, --patches 0 (the default) trains on 2 patches
+
+
+def frame_change(frames):
+    """Median PSNR (dB) between consecutive frames (T, 3, H, W) uint8: low for fast motion, pans and cuts
+    (a cut is one pair; the median looks past it to the motion). inf for a single frame."""
+    if len(frames) < 2:
+        return math.inf
+    mse = torch.stack([(frames[t + 1].float() - frames[t].float()).pow(2).mean() for t in range(len(frames) - 1)])
+    return (10 * torch.log10(255 ** 2 / mse.clamp_min(1e-10))).median().item()
+
+
+def choose_patches(cfg, frames):
+    """P of a run: cfg.patches, or for 0 (not in the paper) 2 when consecutive frames differ much
+    (frame_change below FAST_MOTION_PSNR) and 1 (whole frames) otherwise. Patches mix pairs of different
+    frames in each step; measured at 0.3M, 50 epochs (docs/experiments.md), paired by seed: +0.50 / +0.87 dB
+    on bikes64 and +0.31 / +0.23 on bikes250 (frame_change 23.5 and 25.1 dB), -0.23 on bbb320 and
+    -0.51 / -0.31 on carphone (27.7 and 29.8 dB); the threshold sits between the two kinds."""
+    if cfg.patches:
+        return cfg.patches
+    return 2 if frame_change(frames) < FAST_MOTION_PSNR and cfg.base_h * cfg.base_w > 1 else 1
+
+
 def patch_tiling(cfg, margin):
     """not in the paper (HiNeRV trains on patches): cfg.patches tiles of the base grid, the
     factorisation n_h x n_w that needs the smallest crop. Returns (tiles, offsets, (h, w)): tile p
@@ -799,7 +823,7 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
     last finished epoch and raises KeyboardInterrupt("interrupted at epoch e/E"). Under torchrun each of
     the N processes takes cfg.batch_size frames of every step (N * batch_size); rank 0 writes the checkpoint."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    T, B, P = cfg.n_frames, cfg.batch_size, cfg.patches
+    T, B, P = cfg.n_frames, cfg.batch_size, choose_patches(cfg, frames)
     E, E1, E_l1 = cfg.epochs, stage1_epochs(cfg), l1_only_epochs(cfg)
     rank, world = rank_and_world()
     frames_dev = frames.to(device)  # uint8, on every process: a float copy would take 4x the memory
@@ -833,7 +857,8 @@ def train(cfg, frames, out_dir, device, resume=False, log=print):
     use_amp = device.type == "cuda"
     model.channels_last = use_amp
     net = data_parallel(model, device)  # torchrun: DDP around the model; else the model itself
-    tiling = patch_tiling(cfg, model.margin()) if P > 1 else None
+    tiling = patch_tiling(replace(cfg, patches=P), model.margin()) if P > 1 else None
+    state["patches"] = P
     last = snapshot()
     last_write = time.time()
     first = state["epoch"]
@@ -957,7 +982,8 @@ def make_parser():
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="frames per training step (default: %(default)s)")
     p.add_argument("--patches", type=int, default=d.patches,
                    help="train on patches: each step takes --batch-size frames' worth of random (frame, patch) pairs, "
-                        "P patches per frame (not in the paper; default: %(default)s = whole frames)")
+                        f"P patches per frame; 1 = whole frames; 0 = 2 if the median PSNR between consecutive frames "
+                        f"is below {FAST_MOTION_PSNR:g} dB (fast motion, cuts), else 1 (not in the paper; default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak Adam learning rate (default: %(default)s)")
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="clip the gradient's global norm to this "
                    "before each step; 0 = off; not in the paper (default: %(default)s)")
@@ -1060,8 +1086,8 @@ def run(args):
         raise ValueError(f"--epochs {args.epochs}: must be at least 1")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
-    if args.patches < 1:
-        raise ValueError(f"--patches {args.patches}: must be at least 1 (1 = whole frames)")
+    if args.patches < 0:
+        raise ValueError(f"--patches {args.patches}: must be 0 (chosen from the frames), 1 (whole frames) or more")
     if not args.clip_grad >= 0:  # also NaN
         raise ValueError(f"--clip-grad {args.clip_grad}: must be 0 (off) or more, e.g. 1.0")
     for flag, n in (("--pretrain-epochs", args.pretrain_epochs), ("--l1-epochs", args.l1_epochs)):
@@ -1107,6 +1133,10 @@ def run(args):
         batch_size=args.batch_size, patches=args.patches, lr=args.lr, clip_grad=args.clip_grad, seed=args.seed))
     log(f"video: {plural(T, 'frame')} of {W}x{H} from {args.frames or 'random frames (--synthetic)'}")
     log("\n".join(describe(cfg)))
+    if cfg.patches == 0 and frames is not None:  # --synthetic: no frames to look at, so whole frames
+        change, P = frame_change(frames), choose_patches(cfg, frames)
+        log(f"patches: {P} per frame, from the frames: median PSNR between consecutive frames {change:.1f} dB "
+            f"{'<' if P > 1 else '>='} {FAST_MOTION_PSNR:g}{' (fast motion, cuts)' if P > 1 else ''}; --patches sets it")
     if world > 1:
         log(f"torchrun: world_size {world}, {world} processes x {plural(cfg.batch_size, 'frame')} = {world * cfg.batch_size} per step")
     if args.dry_run:
@@ -1141,7 +1171,7 @@ def fit(cfg, frames, out, device, frames_path=None, size=None, resume=False, sav
                    msssim_scales=msssim_scales(H, W), gop_boundaries=state["boundaries"],
                    divergence=state["divergence"], epochs=state["epoch"], train_seconds=state["train_seconds"],
                    seconds_per_epoch=state["train_seconds"] / max(1, len(state["history"])),
-                   decode_fps=fps, device=str(device), world_size=world, history=state["history"], config=asdict(cfg),
+                   decode_fps=fps, device=str(device), world_size=world, patches=state.get("patches", cfg.patches), history=state["history"], config=asdict(cfg),
                    frames=frames_path and os.path.abspath(frames_path), size=size, matrix=matrix)
     write_json_atomic(metrics, os.path.join(out, "metrics.json"))
     if save:

@@ -46,6 +46,8 @@ def test_tiny_suite_runs_reuses_and_reports(tmp_path, capsys):
     v1_row = next(line for line in section.splitlines() if line.startswith("| V1 |")).split(" | ")
     assert float(v1_row[6]) == pytest.approx(full["psnr"] - v1["psnr"], abs=0.006)
     assert float(v1_row[1]) == pytest.approx(v1["psnr"], abs=0.006)
+    assert rows[0]["patches"] == str(full["patches"]) and full["patches"] in (1, 2)  # chosen from the frames
+    assert f"trained on {full['patches']} patch" in section
     assert "HiNeRV" not in md  # other protocol and clip names: no reference rows
     assert "python bench.py --clips" in md and "torch" in md
 

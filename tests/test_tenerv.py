@@ -125,7 +125,7 @@ def test_bad_flags(tmp_path):
     assert "--epochs 0" in cli_error(["--frames", folder, "--epochs", "0"])
     assert "--batch-size 0" in cli_error(["--frames", folder, "--batch-size", "0"])
     assert "--window 0" in cli_error(["--frames", folder, "--window", "0"])
-    assert "--patches 0" in cli_error(["--frames", folder, "--patches", "0"])
+    assert "--patches -1: must be 0" in cli_error(["--frames", folder, "--patches", "-1"])
     assert "--clip-grad -1.0: must be 0 (off) or more" in cli_error(["--frames", folder, "--clip-grad", "-1"])
     assert "--patches 97: no n_h x n_w split" in cli_error(["--frames", folder, "--patches", "97", "--dry-run"])
     assert "--min-gop -1" in cli_error(["--frames", folder, "--gops", "2", "--min-gop", "-1"])
@@ -819,3 +819,37 @@ def test_per_frame_windows_from_the_start_when_not_shared():
     w = m.iff.weight.detach().clone()
     m.split_gops([4])
     assert torch.equal(m.iff.weight, w)  # nothing to copy at the switch
+
+
+def test_frame_change_is_the_median_psnr_between_consecutive_frames():
+    """A drift of 8 grey levels per frame is 30.0 dB between neighbours; a cut (a jump of 100 levels)
+    does not move the median; one frame has no neighbour."""
+    level = torch.arange(9) * 8 + 40
+    expected = 10 * math.log10(255 ** 2 / 8 ** 2)
+
+    def clip(levels):
+        return levels.to(torch.uint8)[:, None, None, None].expand(len(levels), 3, 4, 6).clone()
+
+    assert tenerv.frame_change(clip(level)) == pytest.approx(expected, abs=1e-4)
+    level[5:] += 100  # a cut between frames 4 and 5: one pair of eight
+    assert tenerv.frame_change(clip(level)) == pytest.approx(expected, abs=1e-4)
+    assert tenerv.frame_change(clip(level[:1])) == math.inf
+
+
+def test_patches_default_follows_the_frames(tmp_path):
+    """--patches 0 (the default): 2 patches below FAST_MOTION_PSNR between consecutive frames, whole
+    frames above; a value given is kept; a training run records the P it used."""
+    cfg = tiny_cfg(epochs=2)
+    assert cfg.patches == 0
+    g = torch.Generator().manual_seed(0)
+    still = torch.randint(0, 256, (1, 3, 24, 40), generator=g, dtype=torch.uint8).expand(8, 3, 24, 40).clone()
+    still[1::2] ^= 1  # the lowest bit flips: consecutive frames 48 dB apart
+    moving = torch.randint(0, 256, (8, 3, 24, 40), generator=g, dtype=torch.uint8)  # about 8 dB apart
+    assert tenerv.frame_change(still) > tenerv.FAST_MOTION_PSNR > tenerv.frame_change(moving)
+    assert tenerv.choose_patches(cfg, still) == 1 and tenerv.choose_patches(cfg, moving) == 2
+    assert tenerv.choose_patches(replace(cfg, patches=1), moving) == 1
+    assert tenerv.choose_patches(replace(cfg, patches=3), still) == 3
+    _, state = tenerv.train(cfg, moving, str(tmp_path / "moving"), torch.device("cpu"), log=lambda *a: None)
+    assert state["patches"] == 2
+    _, state = tenerv.train(cfg, still, str(tmp_path / "still"), torch.device("cpu"), log=lambda *a: None)
+    assert state["patches"] == 1
