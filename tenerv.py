@@ -1171,7 +1171,8 @@ def fit(cfg, frames, out, device, frames_path=None, size=None, resume=False, sav
                    msssim_scales=msssim_scales(H, W), gop_boundaries=state["boundaries"],
                    divergence=state["divergence"], epochs=state["epoch"], train_seconds=state["train_seconds"],
                    seconds_per_epoch=state["train_seconds"] / max(1, len(state["history"])),
-                   decode_fps=fps, device=str(device), world_size=world, patches=state.get("patches", cfg.patches), history=state["history"], config=asdict(cfg),
+                   decode_fps=fps, device=str(device), world_size=world, patches=state.get("patches", cfg.patches),
+                   history=state["history"], config=asdict(cfg),
                    frames=frames_path and os.path.abspath(frames_path), size=size, matrix=matrix)
     write_json_atomic(metrics, os.path.join(out, "metrics.json"))
     if save:
