@@ -128,7 +128,7 @@ def protocol(args, run):
             continue  # --device, --save-frames: not settings of the model
         value = getattr(values, key)
         if value != parser.get_default(key):  # a default (e.g. --gops 0) is derived, so the config holds another value
-            want[key] = [int(s) for s in value.split(",")] if key == "strides" else value  # as metrics.json has it
+            want[key] = [int(s) for s in value.split(",")] if key in ("strides", "depths", "expansions") else value  # as metrics.json has it
     return want
 
 

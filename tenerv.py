@@ -58,8 +58,8 @@ class TeNeRVConfig:
     dim_hidden0: int = 0         # hidden width of the first block's pointwise MLP (derived, fine knob)
     width_ratio: float = 2.0     # not in the paper: channels divide by this at each upsampling block
     min_dim: int = 8             # narrowest block, channels
-    depths: tuple = ()           # refinement units per block (derived: 3 at low resolution, 1 at high)
-    expansions: tuple = ()       # pointwise MLP hidden width / channels per block (derived: 4 low, 1 high)
+    depths: tuple = ()           # refinement units per block (derived: 3 between grid and full resolution, else 1)
+    expansions: tuple = ()       # pointwise MLP hidden width / channels per block (derived: 4, 1 at full resolution)
     kernel: int = 5              # depthwise kernel size (not in the paper)
     window: int = 3              # l, IFF window size (Eq. 2; the paper gives no value)
     shared_window: bool = True   # not in the paper (our reading of Sec. III-C): one IFF window for all frames in stage 1
@@ -456,7 +456,20 @@ class TeNeRV(nn.Module):
 
 BASE_AREA = 576             # not in the paper: grids of about 32 x 18 cells (measured: +1.2 dB over 16 x 9)
 MAX_PADDING = 0.10          # at most 10% more pixels than the frame
-DEEP = 3                    # refinement units in a low-resolution block
+DEEP = 3                    # refinement units in a deep block
+
+
+def default_depths(n_blocks):
+    """not in the paper (HiNeRV's pattern): refinement units and MLP expansion of each block. The
+    blocks between the grid and the full resolution are deep (DEEP units) with a 4x-wide MLP; block 0
+    at grid resolution has one unit with a 4x MLP, the full-resolution block one unit with a 1x MLP.
+    Measured at 0.3M, 50 epochs (docs/experiments.md) against the earlier split (block 0 deep, every
+    upsampling block one narrow unit), 2-seed means: +0.51 dB on bbb320, +0.32 on bikes64, +0.58 on
+    carphone; -0.16 on bikes250 (-0.54 / +0.23 by seed); 1.6-2.0x the time per epoch. With one
+    upsampling block, block 0 is the deep one."""
+    if n_blocks == 2:
+        return (DEEP, 1), (4, 1)
+    return (1,) + (DEEP,) * (n_blocks - 2) + (1,), (4,) * (n_blocks - 1) + (1,)
 
 
 def choose_strides(H, W):
@@ -520,14 +533,13 @@ def size_model(cfg):
     L_min = cfg.min_gop or max(1, T // (2 * K))  # half the mean GoP length of the K chosen
     check_gops(T, K, L_min)
     cfg = replace(cfg, strides=strides, base_h=math.ceil(H / S), base_w=math.ceil(W / S), gops=K, min_gop=L_min)
+    derived_depths = not cfg.depths
     if not cfg.depths or not cfg.expansions:
-        # not in the paper (HiNeRV's pattern): deep, wide units where the feature map is small,
-        # one narrow unit where it is large, so most parameters cost little compute
-        small = [cfg.base_h * cfg.base_w * math.prod(strides[:i]) ** 2 <= H * W / 64 for i in range(len(strides) + 1)]
-        cfg = replace(cfg, depths=cfg.depths or tuple(DEEP if sm else 1 for sm in small),
-                      expansions=cfg.expansions or tuple(4 if sm else 1 for sm in small))
+        depths, expansions = default_depths(len(strides) + 1)
+        cfg = replace(cfg, depths=cfg.depths or depths, expansions=cfg.expansions or expansions)
     if len(cfg.depths) != len(strides) + 1 or len(cfg.expansions) != len(strides) + 1:
-        raise ValueError(f"depths {cfg.depths} / expansions {cfg.expansions}: need one per block ({len(strides) + 1})")
+        raise ValueError(f"--depths {','.join(map(str, cfg.depths))} / --expansions {','.join(map(str, cfg.expansions))}: "
+                         f"need one entry per block, {len(strides) + 1} here (block 0 and one per stride)")
 
     n_positions = T + (1 if cfg.ablation == "V1" else cfg.window) - 1
     per_level = cfg.grid_share * cfg.params / cfg.grid_levels
@@ -547,11 +559,16 @@ def size_model(cfg):
         c = replace(cfg, dim=dim, grid_channels=tuple(grid_channels), dim_hidden0=cfg.expansions[0] * dim)
         return c, count_params(c)
 
-    while True:
+    while True:  # a tight budget: narrower grids first, then one unit per block (if the depths are derived)
         lo_cfg, lo_n = sized(cfg.min_dim, grid_channels)
-        if lo_n <= cfg.params or max(grid_channels) == 1:
+        if lo_n <= cfg.params:
             break
-        grid_channels = [max(1, c // 2) for c in grid_channels]  # a tight budget: narrower grids first
+        if max(grid_channels) > 1:
+            grid_channels = [max(1, c // 2) for c in grid_channels]
+        elif derived_depths and max(cfg.depths) > 1:
+            cfg = replace(cfg, depths=(1,) * len(cfg.depths))
+        else:
+            break
     if lo_n > cfg.params:
         raise ValueError(f"--params {cfg.params}: too small for {T} frames of {W}x{H}; the smallest model "
                          f"has {lo_n} parameters. Raise --params or use fewer frames")
@@ -977,6 +994,10 @@ def make_parser():
     p.add_argument("--min-gop", type=int, default=d.min_gop, help="L_min of Algorithm 1, frames (default: T/(2K))")
     p.add_argument("--window", type=int, default=d.window, help="l, IFF window, frames (Eq. 2) (default: %(default)s)")
     p.add_argument("--strides", default="", help="upsampling strides, e.g. 5,2,2 (default: chosen from the frame size)")
+    p.add_argument("--depths", default="", help="refinement units per block, block 0 first, e.g. 1,3,1 (default: 3 in "
+                   "the blocks between grid and full resolution, 1 in the others)")
+    p.add_argument("--expansions", default="", help="MLP width / channels per block, e.g. 4,4,1 (default: 4, 1 at full "
+                   "resolution)")
     p.add_argument("--ablation", default="full", choices=("full",) + ABLATIONS,  # "full" is the config's ""
                    help="the full TeNeRV or a variant of Table III (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="frames per training step (default: %(default)s)")
@@ -1029,6 +1050,17 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def int_list(flag, text, example):
+    """'5,2,2' -> (5, 2, 2); '' -> () (derived). Every entry at least 1."""
+    try:
+        values = tuple(int(s) for s in text.split(",")) if text else ()
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected integers separated by commas, e.g. {example}") from None
+    if any(v < 1 for v in values):
+        raise ValueError(f"{flag} {text}: every entry must be at least 1")
+    return values
 
 
 def check_writable(path, flag, folder):
@@ -1093,12 +1125,8 @@ def run(args):
     for flag, n in (("--pretrain-epochs", args.pretrain_epochs), ("--l1-epochs", args.l1_epochs)):
         if not 0 <= n <= 300:
             raise ValueError(f"{flag} {n}: epochs per 300 of --epochs, between 0 and 300")
-    try:
-        strides = tuple(int(s) for s in args.strides.split(",")) if args.strides else ()
-    except ValueError:
-        raise ValueError(f"--strides {args.strides!r}: expected integers separated by commas, e.g. 5,2,2") from None
-    if any(s < 1 for s in strides):
-        raise ValueError(f"--strides {args.strides}: every stride must be at least 1")
+    strides, depths, expansions = (int_list(flag, text, example) for flag, text, example in (
+        ("--strides", args.strides, "5,2,2"), ("--depths", args.depths, "1,3,1"), ("--expansions", args.expansions, "4,4,1")))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is available; use --device cpu")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -1127,7 +1155,7 @@ def run(args):
         frames = load_frames(args.frames, args.size, args.matrix)
         T, _, H, W = frames.shape
     cfg = size_model(TeNeRVConfig(
-        n_frames=T, height=H, width=W, params=parse_params(args.params), strides=strides,
+        n_frames=T, height=H, width=W, params=parse_params(args.params), strides=strides, depths=depths, expansions=expansions,
         gops=args.gops, min_gop=args.min_gop, window=args.window, ablation=ablation,
         epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, l1_epochs=args.l1_epochs,
         batch_size=args.batch_size, patches=args.patches, lr=args.lr, clip_grad=args.clip_grad, seed=args.seed))

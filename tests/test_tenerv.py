@@ -126,6 +126,9 @@ def test_bad_flags(tmp_path):
     assert "--batch-size 0" in cli_error(["--frames", folder, "--batch-size", "0"])
     assert "--window 0" in cli_error(["--frames", folder, "--window", "0"])
     assert "--patches -1: must be 0" in cli_error(["--frames", folder, "--patches", "-1"])
+    assert "--depths '1,x': expected integers" in cli_error(["--frames", folder, "--depths", "1,x"])
+    assert "--expansions 4,0,1: every entry must be at least 1" in cli_error(["--frames", folder, "--expansions", "4,0,1"])
+    assert "need one entry per block, 3 here" in cli_error(["--frames", folder, "--strides", "2,2", "--depths", "1,3"])
     assert "--clip-grad -1.0: must be 0 (off) or more" in cli_error(["--frames", folder, "--clip-grad", "-1"])
     assert "--patches 97: no n_h x n_w split" in cli_error(["--frames", folder, "--patches", "97", "--dry-run"])
     assert "--min-gop -1" in cli_error(["--frames", folder, "--gops", "2", "--min-gop", "-1"])
@@ -463,6 +466,39 @@ def test_auto_strides():
     assert tenerv.choose_strides(180, 320) == (5, 2)           # 32 x 18
     assert tenerv.choose_strides(144, 176) == (2, 2, 2)        # 22 x 18
     assert tenerv.choose_strides(136, 320) == (2, 2, 2)        # 40 x 17
+
+
+def test_blocks_are_deep_between_the_grid_and_the_full_resolution():
+    # 176x144 at 0.3M: grid, x2, x4 and full resolution; the two middle blocks are deep and wide
+    cfg = tenerv.size_model(TeNeRVConfig(n_frames=16, height=144, width=176, params=300_000))
+    assert cfg.strides == (2, 2, 2)
+    assert cfg.depths == (1, 3, 3, 1) and cfg.expansions == (4, 4, 4, 1)
+    model = tenerv.TeNeRV(cfg)
+    assert [len(b.units) for b in model.blocks] == [1, 3, 3, 1]
+    dims = tenerv.block_dims(cfg)
+    assert [b.units[0].pw1.out_channels for b in model.blocks] == [cfg.dim_hidden0] + [4 * dims[1], 4 * dims[2], dims[3]]
+    # one upsampling block: block 0 is the deep one
+    assert tenerv.default_depths(2) == ((3, 1), (4, 1))
+    assert tenerv.default_depths(3) == ((1, 3, 1), (4, 4, 1))
+
+
+def test_depths_and_expansions_from_the_command_line(tmp_path, capsys):
+    folder = write_frames(str(tmp_path / "f"), [np.zeros((24, 40, 3), np.uint8)] * 8)
+    tenerv.main(["--frames", folder, "--params", "20K", "--strides", "2,2", "--depths", "3,1,1", "--expansions", "4,1,1",
+                 "--dry-run"])
+    assert "depths 3, 1, 1, MLP expansions 4, 1, 1" in capsys.readouterr().out
+    tenerv.main(["--frames", folder, "--params", "20K", "--strides", "2,2", "--dry-run"])
+    assert "depths 1, 3, 1, MLP expansions 4, 4, 1" in capsys.readouterr().out
+
+
+def test_a_tight_budget_gives_up_depth_only_when_the_depths_are_derived():
+    # 8 frames of 64x36 at 6K: the deep middle blocks do not fit at the narrowest width (7.8K); one unit each does
+    kw = dict(n_frames=8, height=36, width=64, params=6000, strides=(2, 2, 2))
+    cfg = tenerv.size_model(TeNeRVConfig(**kw))
+    assert cfg.depths == (1, 1, 1, 1) and abs(trained_params(cfg) - 6000) <= 60
+    assert tenerv.size_model(TeNeRVConfig(**dict(kw, params=60_000))).depths == (1, 3, 3, 1)
+    with pytest.raises(ValueError, match="too small"):  # depths the user set are kept: the budget is refused
+        tenerv.size_model(TeNeRVConfig(**kw, depths=(1, 3, 3, 1), expansions=(4, 4, 4, 1)))
 
 
 @pytest.mark.parametrize("W,H,T,budget", [(64, 36, 8, "20K"), (320, 180, 64, "0.3M")])
