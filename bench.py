@@ -128,7 +128,8 @@ def protocol(args, run):
             continue  # --device, --save-frames: not settings of the model
         value = getattr(values, key)
         if value != parser.get_default(key):  # a default (e.g. --gops 0) is derived, so the config holds another value
-            want[key] = [int(s) for s in value.split(",")] if key in ("strides", "depths", "expansions") else value  # as metrics.json has it
+            listed = key in ("strides", "depths", "expansions")  # as metrics.json has them
+            want[key] = [int(s) for s in value.split(",")] if listed else value
     return want
 
 

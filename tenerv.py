@@ -1155,7 +1155,8 @@ def run(args):
         frames = load_frames(args.frames, args.size, args.matrix)
         T, _, H, W = frames.shape
     cfg = size_model(TeNeRVConfig(
-        n_frames=T, height=H, width=W, params=parse_params(args.params), strides=strides, depths=depths, expansions=expansions,
+        n_frames=T, height=H, width=W, params=parse_params(args.params),
+        strides=strides, depths=depths, expansions=expansions,
         gops=args.gops, min_gop=args.min_gop, window=args.window, ablation=ablation,
         epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, l1_epochs=args.l1_epochs,
         batch_size=args.batch_size, patches=args.patches, lr=args.lr, clip_grad=args.clip_grad, seed=args.seed))
