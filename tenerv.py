@@ -634,7 +634,7 @@ def frame_change(frames):
     return (10 * torch.log10(255 ** 2 / mse.clamp_min(1e-10))).median().item()
 
 
-def choose_patches(cfg, frames):
+def choose_patches(cfg, frames, change=None):
     """P of a run: cfg.patches, or for 0 (not in the paper) 2 when consecutive frames differ much
     (frame_change below FAST_MOTION_PSNR) and 1 (whole frames) otherwise. Patches mix pairs of different
     frames in each step; measured at 0.3M, 50 epochs (docs/experiments.md), paired by seed: +0.50 / +0.87 dB
@@ -642,7 +642,8 @@ def choose_patches(cfg, frames):
     -0.51 / -0.31 on carphone (27.7 and 29.8 dB); the threshold sits between the two kinds."""
     if cfg.patches:
         return cfg.patches
-    return 2 if frame_change(frames) < FAST_MOTION_PSNR and cfg.base_h * cfg.base_w > 1 else 1
+    change = frame_change(frames) if change is None else change  # the caller's figure, if it has one
+    return 2 if change < FAST_MOTION_PSNR and cfg.base_h * cfg.base_w > 1 else 1
 
 
 def patch_tiling(cfg, margin):
@@ -1163,7 +1164,8 @@ def run(args):
     log(f"video: {plural(T, 'frame')} of {W}x{H} from {args.frames or 'random frames (--synthetic)'}")
     log("\n".join(describe(cfg)))
     if cfg.patches == 0 and frames is not None:  # --synthetic: no frames to look at, so whole frames
-        change, P = frame_change(frames), choose_patches(cfg, frames)
+        change = frame_change(frames)
+        P = choose_patches(cfg, frames, change)
         log(f"patches: {P} per frame, from the frames: median PSNR between consecutive frames {change:.1f} dB "
             f"{'<' if P > 1 else '>='} {FAST_MOTION_PSNR:g}{' (fast motion, cuts)' if P > 1 else ''}; --patches sets it")
     if world > 1:
