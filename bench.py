@@ -118,18 +118,20 @@ def plan(args):
 
 
 def protocol(args, run):
-    """The config fields a finished run must have: the protocol's, and every config field --extra sets."""
+    """The config fields a finished run must have: the protocol's, and every setting of the model that the
+    flags (--extra, else tenerv.py's defaults) give, so that a run made before a default changed is not
+    reused under the new one. Derived settings (--strides, --depths, --expansions, --gops, --min-gop
+    left empty or 0) are compared only when --extra sets them."""
     want = dict(params=tenerv.parse_params(args.params), epochs=args.epochs, seed=run.seed,
                 ablation="" if run.model == "full" else run.model, n_frames=run.n_frames)
     parser, extra = tenerv.make_parser(), shlex.split(args.extra)
     values = parser.parse_args(["--frames", run.frames, *extra])
-    for key in {flag.split("=")[0][2:].replace("-", "_") for flag in extra if flag.startswith("--")}:
-        if key not in {f.name for f in fields(tenerv.TeNeRVConfig)}:
-            continue  # --device, --save-frames: not settings of the model
+    listed = ("strides", "depths", "expansions")  # as metrics.json has them
+    for key in {f.name for f in fields(tenerv.TeNeRVConfig)} & set(vars(values)) - set(want):
         value = getattr(values, key)
-        if value != parser.get_default(key):  # a default (e.g. --gops 0) is derived, so the config holds another value
-            listed = key in ("strides", "depths", "expansions")  # as metrics.json has them
-            want[key] = [int(s) for s in value.split(",")] if listed else value
+        if key in listed + ("gops", "min_gop") and value == parser.get_default(key):
+            continue  # derived: the config holds the value it was derived to
+        want[key] = [int(s) for s in value.split(",")] if key in listed else value
     return want
 
 

@@ -78,6 +78,7 @@ class TeNeRVConfig:
     iff_lr: float = 1.0          # learning-rate multiplier of the IFF weights (not in the paper)
     warmup: float = 0.03         # fraction of steps of linear warm-up, then cosine to 0 (not in the paper)
     clip_grad: float = 1.0       # not in the paper (HiNeRV's): the gradient's global norm is clipped to this; 0 = off
+    beta2: float = 0.99          # Adam's second-moment decay; not in the paper (Instant-NGP's 0.99; PyTorch's default 0.999)
     l1_weight: float = 0.7       # loss after the L1 epochs = l1_weight * L1 + msssim_weight * (1 - MS-SSIM);
     msssim_weight: float = 0.3   # not in the paper: it names the two terms, not their weights (HiNeRV's 0.7/0.3)
     seed: int = 0
@@ -465,8 +466,9 @@ def default_depths(n_blocks):
     at grid resolution has one unit with a 4x MLP, the full-resolution block one unit with a 1x MLP.
     Measured at 0.3M, 50 epochs (docs/experiments.md) against the earlier split (block 0 deep, every
     upsampling block one narrow unit), 2-seed means: +0.51 dB on bbb320, +0.32 on bikes64, +0.58 on
-    carphone; -0.16 on bikes250 (-0.54 / +0.23 by seed); 1.6-2.0x the time per epoch. With one
-    upsampling block, block 0 is the deep one."""
+    carphone; -0.16 on bikes250 (-0.54 / +0.23 by seed, a mid-training dip that Adam's beta2 0.99
+    removed: level with the earlier split then); 1.6-2.0x the time per epoch. With one upsampling
+    block, block 0 is the deep one."""
     if n_blocks == 2:
         return (DEEP, 1), (4, 1)
     return (1,) + (DEEP,) * (n_blocks - 2) + (1,), (4,) * (n_blocks - 1) + (1,)
@@ -695,7 +697,7 @@ def make_optimizer(model, device):
               dict(params=group(("iff.",)), scale=model.cfg.iff_lr),
               dict(params=group(("blocks.", "head.")), scale=1.0)]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    return torch.optim.Adam(groups, lr=0.0, fused=device.type == "cuda")
+    return torch.optim.Adam(groups, lr=0.0, betas=(0.9, model.cfg.beta2), fused=device.type == "cuda")
 
 
 def split_model(model, optimizer, boundaries, device):
@@ -720,6 +722,7 @@ def write_json_atomic(obj, path):
 
 
 def config_from_dict(d):
+    d = {"beta2": 0.999, **d}  # checkpoints written before beta2 existed were trained with Adam's default
     return TeNeRVConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
@@ -1007,6 +1010,8 @@ def make_parser():
                         f"P patches per frame; 1 = whole frames; 0 = 2 if the median PSNR between consecutive frames "
                         f"is below {FAST_MOTION_PSNR:g} dB (fast motion, cuts), else 1 (not in the paper; default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak Adam learning rate (default: %(default)s)")
+    p.add_argument("--beta2", type=float, default=d.beta2, help="Adam's second-moment decay; not in the paper "
+                   "(default: %(default)s; PyTorch's default is 0.999)")
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="clip the gradient's global norm to this "
                    "before each step; 0 = off; not in the paper (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
@@ -1104,7 +1109,7 @@ def describe(cfg):
             f"stage 2: {epochs(E1 + 1, E)}, {plural(K, 'GoP')}" + ("" if E > E1 else " (raise --epochs to train it)"),
             (f"loss: L1 for {epochs(1, E_l1)}, then " if E_l1 else "loss: ")
             + f"{cfg.l1_weight} L1 + {cfg.msssim_weight} (1 - MS-SSIM)",
-            f"optimiser: Adam, peak lr {cfg.lr:g} (grids x{cfg.grid_lr:g}), {cfg.warmup:.0%} warm-up then cosine, "
+            f"optimiser: Adam (beta2 {cfg.beta2:g}), peak lr {cfg.lr:g} (grids x{cfg.grid_lr:g}), {cfg.warmup:.0%} warm-up then cosine, "
             + (f"gradient norm clipped to {cfg.clip_grad:g}, " if cfg.clip_grad > 0 else "")
             + f"{plural(cfg.batch_size, 'frame')} per step" + (f" as {cfg.batch_size * cfg.patches} random patches "
             f"(1/{cfg.patches} of a frame each)" if cfg.patches > 1 else "") + f", seed {cfg.seed}",
@@ -1123,6 +1128,8 @@ def run(args):
         raise ValueError(f"--patches {args.patches}: must be 0 (chosen from the frames), 1 (whole frames) or more")
     if not args.clip_grad >= 0:  # also NaN
         raise ValueError(f"--clip-grad {args.clip_grad}: must be 0 (off) or more, e.g. 1.0")
+    if not 0 <= args.beta2 < 1:
+        raise ValueError(f"--beta2 {args.beta2}: Adam's second-moment decay must be in [0, 1), e.g. 0.99")
     for flag, n in (("--pretrain-epochs", args.pretrain_epochs), ("--l1-epochs", args.l1_epochs)):
         if not 0 <= n <= 300:
             raise ValueError(f"{flag} {n}: epochs per 300 of --epochs, between 0 and 300")
@@ -1160,7 +1167,8 @@ def run(args):
         strides=strides, depths=depths, expansions=expansions,
         gops=args.gops, min_gop=args.min_gop, window=args.window, ablation=ablation,
         epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, l1_epochs=args.l1_epochs,
-        batch_size=args.batch_size, patches=args.patches, lr=args.lr, clip_grad=args.clip_grad, seed=args.seed))
+        batch_size=args.batch_size, patches=args.patches, lr=args.lr, beta2=args.beta2,
+        clip_grad=args.clip_grad, seed=args.seed))
     log(f"video: {plural(T, 'frame')} of {W}x{H} from {args.frames or 'random frames (--synthetic)'}")
     log("\n".join(describe(cfg)))
     if cfg.patches == 0 and frames is not None:  # --synthetic: no frames to look at, so whole frames

@@ -81,6 +81,19 @@ def test_tiny_suite_runs_reuses_and_reports(tmp_path, capsys):
     assert "finished with other settings (epochs 2, not 3)" in capsys.readouterr().out
     assert (suite / "a" / "full_s0" / "metrics.json").read_text() == before
 
+    # a run made before a default changed (here: Adam's beta2 0.999, before the field existed) is not reused
+    # under the new default, and neither is one made with another learning rate
+    meta = suite / "b" / "full_s0" / "metrics.json"
+    old = json.loads(meta.read_text())
+    del old["config"]["beta2"]
+    meta.write_text(json.dumps(old))
+    (suite / "a" / "V1_s0" / "metrics.json").write_text(
+        json.dumps({**v1, "config": {**v1["config"], "lr": v1["config"]["lr"] / 2}}))
+    msg = cli_error(argv)
+    assert "2 run(s) failed or were left alone" in msg
+    out = capsys.readouterr().out
+    assert "finished with other settings (beta2 None, not 0.99)" in out and "(lr 0.005, not 0.01)" in out
+
 
 def test_failed_run_is_reported(tmp_path, capsys):
     argv = tiny_suite(tmp_path)

@@ -681,6 +681,24 @@ def test_gradient_norm_is_clipped_before_each_adam_step(tmp_path, monkeypatch):
             assert min(norms) > 1e-3  # unclipped, every step's gradient is larger than the clip above
 
 
+def test_adam_beta2_is_the_configs_in_both_stages(tmp_path, capsys):
+    """beta2 reaches Adam in both stages (the checkpoint is written after the stage switch), the CLI sets and
+    prints it, and a checkpoint from before the field existed reads as Adam's default 0.999 it was trained with."""
+    cfg = tiny_cfg(beta2=0.9)
+    assert tenerv.make_optimizer(tenerv.TeNeRV(cfg), torch.device("cpu")).param_groups[0]["betas"] == (0.9, 0.9)
+    tenerv.train(cfg, sample_frames(8, size=(40, 24)), str(tmp_path / "run"), torch.device("cpu"), log=lambda s: None)
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["stage"] == 2 and {g["betas"][1] for g in ckpt["optimizer"]["param_groups"]} == {0.9}
+    assert TeNeRVConfig().beta2 == 0.99
+    old = {k: v for k, v in ckpt["config"].items() if k != "beta2"}
+    assert tenerv.config_from_dict(old).beta2 == 0.999 and tenerv.config_from_dict(ckpt["config"]).beta2 == 0.9
+    folder = str(tmp_path / "f")
+    write_frames(folder, sample_frames(4, size=(40, 24)).permute(0, 2, 3, 1).numpy())
+    tenerv.main(["--frames", folder, "--params", "6000", "--strides", "2,2", "--beta2", "0.95", "--dry-run"])
+    assert "optimiser: Adam (beta2 0.95)" in capsys.readouterr().out
+    assert "--beta2 1.0: Adam's second-moment decay must be in [0, 1)" in cli_error(["--frames", folder, "--beta2", "1"])
+
+
 def test_learning_rate_warms_up_then_decays_to_zero():
     cfg = TeNeRVConfig(lr=1e-2, warmup=0.1)
     lrs = [tenerv.lr_at(step, 100, cfg) for step in range(100)]
